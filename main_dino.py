@@ -1,0 +1,536 @@
+"""DINO self-supervised pretraining: a student ViT matches an EMA teacher on multi-crop views."""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms
+
+import utils
+import vision_transformer as vits
+from vision_transformer import DINOHead
+
+PRINT_FREQ = 10
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DINO", add_help=False)
+
+    # Model
+    parser.add_argument("--arch", default="vit_small", type=str, choices=utils.arch_choices(),
+                        help="Name of architecture to train. For quick experiments with ViTs, "
+                             "we recommend using vit_tiny or vit_small.")
+    parser.add_argument("--patch_size", default=16, type=int,
+                        help="Size in pixels of input square patches - default 16 (for 16x16 "
+                             "patches). Using smaller values leads to better performance but "
+                             "requires more memory. Applies only for ViTs. If <16, we recommend "
+                             "disabling mixed precision training (--use_fp16 false).")
+    parser.add_argument("--out_dim", default=65536, type=int,
+                        help="Dimensionality of the DINO head output. For complex and large "
+                             "datasets large values (like 65k) work well.")
+    parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
+                        help="Whether or not to weight normalize the last layer of the DINO head. "
+                             "Not normalizing leads to better performance but can make the "
+                             "training unstable. We typically set this to False with vit_small "
+                             "and True with vit_base.")
+    parser.add_argument("--momentum_teacher", default=0.996, type=float,
+                        help="Base EMA parameter for teacher update. The value is increased to 1 "
+                             "during training with cosine schedule. We recommend setting a higher "
+                             "value with small batches: for example use 0.9995 with batch size "
+                             "of 256.")
+    parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
+                        help="Whether to use batch normalizations in projection head (Default: "
+                             "False)")
+
+    # Temperature teacher parameters
+    parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
+                        help="Initial value for the teacher temperature: 0.04 works well in most "
+                             "cases. Try decreasing it if the training loss does not decrease.")
+    parser.add_argument("--teacher_temp", default=0.04, type=float,
+                        help="Final value (after linear warmup) of the teacher temperature. For "
+                             "most experiments, anything above 0.07 is unstable. We recommend "
+                             "starting with the default value of 0.04 and increase this slightly "
+                             "if needed.")
+    parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+                        help="Number of warmup epochs for the teacher temperature (Default: 0).")
+
+    # Training/Optimization parameters
+    parser.add_argument("--use_fp16", type=utils.bool_flag, default=True,
+                        help="Whether or not to use half precision (fp16 autocast and a "
+                             "GradScaler) for training. Improves training time and memory "
+                             "requirements, but can provoke instability and slight decay of "
+                             "performance. We recommend disabling mixed precision if the loss is "
+                             "unstable, if reducing the patch size or if training with bigger "
+                             "ViTs. Needs CUDA: ignored on the CPU.")
+    parser.add_argument("--use_bf16", type=utils.bool_flag, default=False,
+                        help="Use bfloat16 autocast instead (no GradScaler needed); takes "
+                             "precedence over --use_fp16. Softmax, loss and center stay float32.")
+    parser.add_argument("--weight_decay", type=float, default=0.04,
+                        help="Initial value of the weight decay. With ViT, a smaller value at the "
+                             "beginning of training works well.")
+    parser.add_argument("--weight_decay_end", type=float, default=0.4,
+                        help="Final value of the weight decay. We use a cosine schedule for WD "
+                             "and using a larger decay by the end of training improves "
+                             "performance for ViTs.")
+    parser.add_argument("--clip_grad", type=float, default=3.0,
+                        help="Maximal parameter gradient norm if using gradient clipping. "
+                             "Clipping with norm .3 ~ 1.0 can help optimization for larger ViT "
+                             "architectures. 0 for disabling.")
+    parser.add_argument("--batch_size_per_gpu", default=64, type=int,
+                        help="Per-GPU batch-size : number of distinct images loaded on one GPU.")
+    parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
+    parser.add_argument("--freeze_last_layer", default=1, type=int,
+                        help="Number of epochs during which we keep the output layer fixed. "
+                             "Typically doing so during the first epoch helps training. Try "
+                             "increasing this value if the loss does not decrease.")
+    parser.add_argument("--lr", default=0.0005, type=float,
+                        help="Learning rate at the end of linear warmup (highest LR used during "
+                             "training). The learning rate is linearly scaled with the batch "
+                             "size, and specified here for a reference batch size of 256.")
+    parser.add_argument("--warmup_epochs", default=10, type=int,
+                        help="Number of epochs for the linear learning-rate warm up.")
+    parser.add_argument("--min_lr", type=float, default=1e-6,
+                        help="Target LR at the end of optimization. We use a cosine LR schedule "
+                             "with linear warmup.")
+    parser.add_argument("--optimizer", default="adamw", type=str,
+                        choices=["adamw", "sgd", "lars"],
+                        help="Type of optimizer. We recommend using adamw with ViTs.")
+    parser.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth rate")
+
+    # Multi-crop parameters
+    parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.),
+                        help="Scale range of the cropped image before resizing, relatively to "
+                             "the origin image. Used for large global view cropping. When "
+                             "disabling multi-crop (--local_crops_number 0), we recommand using a "
+                             "wider range of scale (\"--global_crops_scale 0.14 1.\" for example)")
+    parser.add_argument("--local_crops_number", type=int, default=8,
+                        help="Number of small local views to generate. Set this parameter to 0 "
+                             "to disable multi-crop training. When disabling multi-crop we "
+                             "recommend to use \"--global_crops_scale 0.14 1.\" ")
+    parser.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4),
+                        help="Scale range of the cropped image before resizing, relatively to "
+                             "the origin image. Used for small local view cropping of multi-crop.")
+    parser.add_argument("--global_crops_size", type=int, default=224,
+                        help="Side in pixels of the global crops (224 as the reference; lower it "
+                             "for small images).")
+    parser.add_argument("--local_crops_size", type=int, default=96,
+                        help="Side in pixels of the local crops (96 as the reference).")
+
+    # Misc
+    parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
+                        help="Folder of training images: an ImageFolder (class sub-folders, "
+                             "labels ignored) or any folder of images, searched recursively.")
+    parser.add_argument("--output_dir", default=".", type=str,
+                        help="Path to save logs and checkpoints.")
+    parser.add_argument("--saveckp_freq", default=20, type=int, help="Save checkpoint every x epochs.")
+    parser.add_argument("--seed", default=0, type=int, help="Random seed.")
+    parser.add_argument("--num_workers", default=10, type=int,
+                        help="Number of data loading workers per GPU.")
+    utils.add_distributed_args(parser)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+class DataAugmentationDINO:
+    """Two global crops (blur p=1 / p=0.1 + solarize p=0.2) and N local crops (blur p=0.5)."""
+
+    def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
+                 local_crops_number: int, global_crops_size: int = 224,
+                 local_crops_size: int = 96):
+        flip_and_color_jitter = transforms.Compose([
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply([transforms.ColorJitter(
+                brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+        ])
+        normalize = transforms.Compose([
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+        bicubic = transforms.InterpolationMode.BICUBIC
+
+        def global_crop(blur_p: float, solarize_p: float) -> transforms.Compose:
+            return transforms.Compose([
+                transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale,
+                                             interpolation=bicubic),
+                flip_and_color_jitter,
+                utils.GaussianBlur(blur_p),
+                utils.Solarization(solarize_p),
+                normalize,
+            ])
+
+        self.global_transfo1 = global_crop(blur_p=1.0, solarize_p=0.0)
+        self.global_transfo2 = global_crop(blur_p=0.1, solarize_p=0.2)
+        self.local_crops_number = local_crops_number
+        self.local_transfo = transforms.Compose([
+            transforms.RandomResizedCrop(local_crops_size, scale=local_crops_scale,
+                                         interpolation=bicubic),
+            flip_and_color_jitter,
+            utils.GaussianBlur(p=0.5),
+            normalize,
+        ])
+
+    def __call__(self, image) -> List[torch.Tensor]:
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        crops += [self.local_transfo(image) for _ in range(self.local_crops_number)]
+        return crops
+
+
+def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
+                                     args.local_crops_number, args.global_crops_size,
+                                     args.local_crops_size)
+    dataset = utils.ImageFiles(args.data_path, transform)
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+        persistent_workers=args.num_workers > 0)
+    if len(loader) == 0:
+        raise utils.InputError(
+            f"{len(dataset)} images in {args.data_path!r} do not fill one batch of "
+            f"{args.batch_size_per_gpu} per process x {utils.get_world_size()} processes: "
+            "lower --batch_size_per_gpu")
+    print(f"Data loaded: there are {len(dataset)} images.")
+    return loader
+
+
+# ------------------------------------------------------------------------------------------------
+# Model, loss and optimisation
+# ------------------------------------------------------------------------------------------------
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centred, sharpened teacher and the student, over view pairs."""
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        # The teacher temperature changes per epoch: a linear warm-up, then constant.
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
+                return_diagnostics: bool = False):
+        """Loss averaged over all (teacher view, other student view) pairs; updates the center.
+
+        With return_diagnostics, also returns [teacher entropy, KL(batch mean || uniform)].
+        """
+        # Each student log-softmax is computed once, in float32 even under autocast.
+        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        total_loss, n_terms = 0.0, 0
+        for iq, q in enumerate(teacher_probs.chunk(2)):
+            for v, logp in enumerate(student_logp.chunk(self.ncrops)):
+                if v == iq:
+                    continue
+                total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
+                n_terms += 1
+        loss = total_loss / n_terms
+        self.update_center(teacher_output)
+        if return_diagnostics:
+            return loss, teacher_diagnostics(teacher_probs)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        if utils.is_dist_avail_and_initialized():
+            dist.all_reduce(batch_center)
+        batch_center = batch_center / (len(teacher_output) * utils.get_world_size())
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+@torch.no_grad()
+def teacher_diagnostics(teacher_probs: torch.Tensor) -> torch.Tensor:
+    """[mean per-sample entropy, KL(batch-mean distribution || uniform)] in nats.
+
+    Collapse shows as the two meeting ln(K) - entropy: all samples get the same distribution.
+    """
+    entropy = torch.special.entr(teacher_probs).sum(dim=-1).mean()
+    batch_mean = teacher_probs.mean(dim=0)
+    kl_to_uniform = math.log(teacher_probs.shape[-1]) - torch.special.entr(batch_mean).sum()
+    return torch.stack((entropy, kl_to_uniform))
+
+
+def build_student_teacher(args: argparse.Namespace, device: torch.device):
+    """Student (DDP) and teacher MultiCropWrappers; the teacher starts as the student's copy."""
+    student_backbone, embed_dim = utils.build_backbone(args.arch, args.patch_size,
+                                                       args.drop_path_rate)
+    teacher_backbone, _ = utils.build_backbone(args.arch, args.patch_size, 0.0)
+    student = utils.MultiCropWrapper(student_backbone, DINOHead(
+        embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
+    teacher = utils.MultiCropWrapper(teacher_backbone, DINOHead(
+        embed_dim, args.out_dim, args.use_bn_in_head))
+    student, teacher = student.to(device), teacher.to(device)
+    device_ids = [args.gpu] if device.type == "cuda" else None
+    if utils.has_batchnorms(student):
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        # SyncBN in the teacher needs a process group through DDP (reference behaviour).
+        teacher = nn.parallel.DistributedDataParallel(teacher, device_ids=device_ids)
+        teacher_without_ddp = teacher.module
+    else:
+        teacher_without_ddp = teacher
+    student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+    teacher_without_ddp.load_state_dict(student.module.state_dict())
+    for param in teacher.parameters():
+        param.requires_grad = False
+    print(f"Student and Teacher are built: they are both {args.arch} network.")
+    return student, teacher, teacher_without_ddp
+
+
+def build_optimizer(args: argparse.Namespace, student: nn.Module) -> torch.optim.Optimizer:
+    params_groups = utils.get_params_groups(student)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params_groups)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9)
+    return utils.LARS(params_groups)
+
+
+def build_schedules(args: argparse.Namespace, niter_per_ep: int) -> Dict[str, np.ndarray]:
+    """Per-iteration lr, wd and teacher momentum; lr scaled linearly with the total batch."""
+    total_batch = args.batch_size_per_gpu * utils.get_world_size()
+    return {
+        "lr": utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs,
+                                     niter_per_ep, warmup_epochs=args.warmup_epochs),
+        "wd": utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs,
+                                     niter_per_ep),
+        "momentum": utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep),
+    }
+
+
+def autocast_dtype(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 if asked for; fp16 on CUDA when --use_fp16; otherwise None (float32)."""
+    if args.use_bf16:
+        return torch.bfloat16
+    if args.use_fp16 and device.type == "cuda":
+        return torch.float16
+    if args.use_fp16:
+        print("Note: --use_fp16 needs CUDA; training in float32 on the CPU.")
+    return None
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, schedules: Dict[str, np.ndarray],
+                  it: int) -> Tuple[float, float]:
+    """Set lr on every group and wd on group 0 only (group 1 is never decayed)."""
+    lr, wd = float(schedules["lr"][it]), float(schedules["wd"][it])
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:
+            group["weight_decay"] = wd
+    return lr, wd
+
+
+def forward_loss(student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
+                 crops: List[torch.Tensor], epoch: int, autocast) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Teacher on the global crops, student on all crops; (loss, teacher diagnostics)."""
+    with autocast:
+        teacher_output = teacher(crops[:2])
+        student_output = student(crops)
+        return dino_loss(student_output, teacher_output, epoch, return_diagnostics=True)
+
+
+def backward_and_step(loss: torch.Tensor, student: nn.Module, optimizer: torch.optim.Optimizer,
+                      fp16_scaler, epoch: int, args: argparse.Namespace) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if fp16_scaler is None:
+        loss.backward()
+    else:
+        fp16_scaler.scale(loss).backward()
+        if args.clip_grad:
+            fp16_scaler.unscale_(optimizer)
+    if args.clip_grad:
+        utils.clip_gradients(student, args.clip_grad)
+    utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+    if fp16_scaler is None:
+        optimizer.step()
+    else:
+        fp16_scaler.step(optimizer)
+        fp16_scaler.update()
+
+
+@torch.no_grad()
+def update_teacher(student_params: List[torch.Tensor], teacher_params: List[torch.Tensor],
+                   momentum: float) -> None:
+    """teacher = m * teacher + (1 - m) * student, for all parameters at once."""
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, value: float, epoch: int, step: int):
+        super().__init__(f"Loss is {value} at epoch {epoch}, iteration {step}, stopping training "
+                         "(checkpoint.pth from the last finished epoch is intact; try "
+                         "--use_fp16 false or a lower --lr)")
+
+
+def record_pending(metric_logger: utils.MetricLogger, pending: list, epoch: int) -> None:
+    """Read back the queued per-iteration stats in one host sync and feed the meters."""
+    values = torch.stack([stats for _, _, _, stats in pending]).tolist()
+    for (step, lr, wd, _), (loss, entropy, kl) in zip(pending, values):
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(loss, epoch, step)
+        metric_logger.update(loss=loss, lr=lr, wd=wd, teacher_entropy=entropy, teacher_kl=kl)
+    pending.clear()
+
+
+def train_one_epoch(student: nn.Module, teacher: nn.Module, teacher_without_ddp: nn.Module,
+                    dino_loss: DINOLoss, data_loader, optimizer: torch.optim.Optimizer,
+                    schedules: Dict[str, np.ndarray], epoch: int, fp16_scaler, autocast,
+                    device: torch.device, args: argparse.Namespace) -> Dict[str, float]:
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    student_params = list(student.module.parameters())
+    teacher_params = list(teacher_without_ddp.parameters())
+    pending = []  # (step, lr, wd, stats tensor) kept on device until the next print
+    skipped = 0
+    last_step = len(data_loader) - 1
+    for step, (crops, skipped_in_batch) in enumerate(
+            metric_logger.log_every(data_loader, PRINT_FREQ, header)):
+        it = len(data_loader) * epoch + step
+        lr, wd = set_schedules(optimizer, schedules, it)
+        crops = [crop.to(device, non_blocking=True) for crop in crops]
+        loss, diagnostics = forward_loss(student, teacher, dino_loss, crops, epoch, autocast)
+        backward_and_step(loss, student, optimizer, fp16_scaler, epoch, args)
+        update_teacher(student_params, teacher_params, float(schedules["momentum"][it]))
+        pending.append((step, lr, wd, torch.cat((loss.detach().reshape(1), diagnostics))))
+        skipped += int(skipped_in_batch.sum())
+        if step % PRINT_FREQ == 0 or step == last_step:
+            record_pending(metric_logger, pending, epoch)
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    stats["skipped_images"] = _sum_over_ranks(skipped)
+    return stats
+
+
+def _sum_over_ranks(count: int) -> int:
+    total = torch.tensor([count], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def warn_on_collapse(stats: Dict[str, float], out_dim: int) -> None:
+    """Point at the usual remedies when the loss or the teacher outputs show collapse."""
+    uniform_loss = math.log(out_dim)
+    if abs(stats["loss"] - uniform_loss) < 0.01 * uniform_loss:
+        print(f"Warning: the loss {stats['loss']:.4f} sits at ln(out_dim) = {uniform_loss:.4f}: "
+              "the student's outputs are near uniform (collapse?). Try a lower --teacher_temp, "
+              "a higher --momentum_teacher or a lower --lr.")
+    diversity = uniform_loss - stats["teacher_kl"] - stats["teacher_entropy"]
+    if diversity < 0.01:
+        print(f"Warning: every teacher output is the same distribution (entropy "
+              f"{stats['teacher_entropy']:.3f}, KL to uniform {stats['teacher_kl']:.3f}): the "
+              "training has collapsed. Try a lower --teacher_temp or a larger batch.")
+
+
+def checkpoint_state(student, teacher, optimizer, epoch, args, dino_loss, fp16_scaler) -> dict:
+    """The reference's checkpoint layout (student keys keep DDP's `module.` prefix)."""
+    state = {
+        "student": student.state_dict(),
+        "teacher": teacher.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch + 1,
+        "args": args,
+        "dino_loss": dino_loss.state_dict(),
+    }
+    if fp16_scaler is not None:
+        state["fp16_scaler"] = fp16_scaler.state_dict()
+    return state
+
+
+def train_dino(args: argparse.Namespace) -> None:
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
+    utils.print_run_header(args)
+    device = utils.device_of(args)
+    torch.backends.cudnn.benchmark = True
+
+    data_loader = build_data_loader(args)
+    student, teacher, teacher_without_ddp = build_student_teacher(args, device)
+    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
+    optimizer = build_optimizer(args, student)
+    dtype = autocast_dtype(args, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    fp16_scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    schedules = build_schedules(args, len(data_loader))
+    print("Loss, optimizer and schedulers ready.")
+
+    run_variables = {"epoch": 0}
+    utils.restart_from_checkpoint(
+        os.path.join(args.output_dir, "checkpoint.pth"), run_variables=run_variables,
+        student=student, teacher=teacher, optimizer=optimizer, fp16_scaler=fp16_scaler,
+        dino_loss=dino_loss)
+    start_epoch = run_variables["epoch"]
+    log_path = os.path.join(args.output_dir, "log.txt")
+    utils.truncate_json_log(log_path, start_epoch)
+
+    start_time = time.time()
+    print("Starting DINO training !")
+    for epoch in range(start_epoch, args.epochs):
+        data_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader,
+                                optimizer, schedules, epoch, fp16_scaler, autocast, device, args)
+        if stats["skipped_images"]:
+            print(f"Warning: {stats['skipped_images']} unreadable images were skipped in epoch "
+                  f"{epoch}.")
+        warn_on_collapse(stats, args.out_dim)
+        # The log line goes first: a resumed run drops lines of epochs it redoes.
+        utils.append_json_line(log_path, epoch_log_record(stats, epoch))
+        state = checkpoint_state(student, teacher, optimizer, epoch, args, dino_loss, fp16_scaler)
+        utils.save_on_master(state, os.path.join(args.output_dir, "checkpoint.pth"))
+        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            utils.save_on_master(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+    total_time = time.time() - start_time
+    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+
+
+def epoch_log_record(stats: Dict[str, float], epoch: int) -> dict:
+    """The reference keys first (train_loss, train_lr, train_wd, epoch), then our diagnostics."""
+    record = {f"train_{name}": stats[name] for name in ("loss", "lr", "wd")}
+    record["epoch"] = epoch
+    record.update({f"train_{name}": stats[name]
+                   for name in ("teacher_entropy", "teacher_kl", "skipped_images")})
+    return record
+
+
+def main(args: argparse.Namespace) -> None:
+    args.arch = args.arch.replace("deit", "vit")
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        train_dino(args)
+    except NonFiniteLossError as error:
+        print(str(error), force=True)
+        utils.cleanup_distributed()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("DINO", parents=[get_args_parser()])
+    utils.run_cli(main, parser.parse_args())

@@ -1,0 +1,183 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vision_transformer as vits
+
+PARAM_COUNTS = {  # reference §3.1, num_classes=0
+    ("vit_tiny", 16): 5_524_416, ("vit_tiny", 8): 5_526_720,
+    ("vit_small", 16): 21_665_664, ("vit_small", 8): 21_670_272,
+    ("vit_base", 16): 85_798_656, ("vit_base", 8): 85_807_872,
+}
+WIDTHS = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
+
+
+def reference_vit_layout(dim: int, patch: int, depth: int = 12):
+    """(key, shape) pairs in the reference's registration order."""
+    tokens = (224 // patch) ** 2 + 1
+    layout = [("cls_token", (1, 1, dim)), ("pos_embed", (1, tokens, dim)),
+              ("patch_embed.proj.weight", (dim, 3, patch, patch)), ("patch_embed.proj.bias", (dim,))]
+    for i in range(depth):
+        b = f"blocks.{i}."
+        layout += [(b + "norm1.weight", (dim,)), (b + "norm1.bias", (dim,)),
+                   (b + "attn.qkv.weight", (3 * dim, dim)), (b + "attn.qkv.bias", (3 * dim,)),
+                   (b + "attn.proj.weight", (dim, dim)), (b + "attn.proj.bias", (dim,)),
+                   (b + "norm2.weight", (dim,)), (b + "norm2.bias", (dim,)),
+                   (b + "mlp.fc1.weight", (4 * dim, dim)), (b + "mlp.fc1.bias", (4 * dim,)),
+                   (b + "mlp.fc2.weight", (dim, 4 * dim)), (b + "mlp.fc2.bias", (dim,))]
+    return layout + [("norm.weight", (dim,)), ("norm.bias", (dim,))]
+
+
+@pytest.mark.parametrize("arch,patch", sorted(PARAM_COUNTS))
+def test_keys_shapes_and_parameter_counts(arch, patch):
+    model = vits.__dict__[arch](patch_size=patch)
+    state = model.state_dict()
+    expected = reference_vit_layout(WIDTHS[arch], patch)
+    assert len(state) == 150
+    assert [(k, tuple(v.shape)) for k, v in state.items()] == expected
+    assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[(arch, patch)]
+    assert model.embed_dim == model.num_features == WIDTHS[arch]
+    assert list(model.buffers()) == []
+
+
+def test_reference_layout_loads_strictly_and_drives_the_output():
+    torch.manual_seed(0)
+    reference_state = {k: torch.randn(shape) * 0.02 for k, shape in reference_vit_layout(192, 16)}
+    first, second = vits.vit_tiny(), vits.vit_tiny()
+    first.load_state_dict(reference_state, strict=True)
+    second.load_state_dict(reference_state, strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    assert torch.equal(first.eval()(x), second.eval()(x))
+
+
+def test_classifier_head_appears_only_with_classes():
+    model = vits.vit_tiny(num_classes=10)
+    state = model.state_dict()
+    assert tuple(state["head.weight"].shape) == (10, 192) and tuple(state["head.bias"].shape) == (10,)
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 10)
+
+
+def test_init_and_layer_settings():
+    model = vits.vit_small(drop_path_rate=0.1)
+    assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, nn.LayerNorm))
+    assert model.blocks[0].attn.qkv.bias is not None
+    assert isinstance(model.blocks[0].drop_path, nn.Identity)
+    rates = [block.drop_path.drop_prob for block in model.blocks[1:]]
+    assert rates == pytest.approx([0.1 * i / 11 for i in range(1, 12)])
+    assert torch.all(model.blocks[0].attn.qkv.bias == 0)
+    std = model.blocks[3].mlp.fc1.weight.std().item()
+    assert 0.018 < std < 0.022
+
+
+def test_dino_head_keys_shapes_and_frozen_g():
+    head = vits.DINOHead(384, 1000)
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert shapes == {"mlp.0.weight": (2048, 384), "mlp.0.bias": (2048,),
+                      "mlp.2.weight": (2048, 2048), "mlp.2.bias": (2048,),
+                      "mlp.4.weight": (256, 2048), "mlp.4.bias": (256,),
+                      "last_layer.weight_g": (1000, 1), "last_layer.weight_v": (1000, 256)}
+    assert torch.all(head.last_layer.weight_g == 1)
+    assert not head.last_layer.weight_g.requires_grad
+    assert vits.DINOHead(384, 10, norm_last_layer=False).last_layer.weight_g.requires_grad
+    bn_keys = list(vits.DINOHead(384, 10, use_bn=True).state_dict())
+    assert bn_keys[:7] == ["mlp.0.weight", "mlp.0.bias", "mlp.1.weight", "mlp.1.bias",
+                           "mlp.1.running_mean", "mlp.1.running_var", "mlp.1.num_batches_tracked"]
+    assert "mlp.3.weight" in bn_keys and "mlp.6.weight" in bn_keys
+    assert list(vits.DINOHead(384, 10, nlayers=1).state_dict())[:2] == ["mlp.weight", "mlp.bias"]
+
+
+def test_weight_norm_layer_matches_torch_weight_norm():
+    torch.manual_seed(0)
+    ours = vits.WeightNormLinear(256, 50)
+    with torch.no_grad():
+        ours.weight_g.uniform_(0.5, 2.0)
+    with pytest.warns(FutureWarning):  # the deprecated API the reference used
+        legacy = torch.nn.utils.weight_norm(nn.Linear(256, 50, bias=False), dim=0)
+    legacy.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 256)
+    torch.testing.assert_close(ours(x), legacy(x), rtol=1e-6, atol=1e-6)
+
+
+def test_head_output_is_cosine_similarity_to_prototypes():
+    torch.manual_seed(0)
+    head = vits.DINOHead(32, 20, hidden_dim=64)
+    x = torch.randn(4, 32)
+    bottleneck = F.normalize(head.mlp(x), dim=-1)
+    prototypes = F.normalize(head.last_layer.weight_v, dim=-1)
+    torch.testing.assert_close(head(x), bottleneck @ prototypes.t())
+
+
+def test_sdpa_and_explicit_attention_give_the_same_block_output():
+    torch.manual_seed(0)
+    attention = vits.Attention(192, num_heads=3, qkv_bias=True).eval()
+    x = torch.randn(2, 50, 192)
+    fused, no_probs = attention(x)
+    explicit, probs = attention(x, return_attention=True)
+    assert no_probs is None
+    assert (fused - explicit).abs().max().item() <= 1e-5
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 50))
+
+
+def test_explicit_attention_matches_hand_computation():
+    torch.manual_seed(0)
+    attention = vits.Attention(8, num_heads=2, qkv_bias=True).eval()
+    x = torch.randn(1, 3, 8)
+    _, probs = attention(x, return_attention=True)
+    qkv = x[0] @ attention.qkv.weight.t() + attention.qkv.bias  # (3 tokens, 24)
+    q, k = qkv[:, 0:4], qkv[:, 8:12]  # head 0: first 4 columns of the q and k blocks
+    expected = torch.softmax(q @ k.t() / 2.0, dim=-1)  # scale = head_dim ** -0.5 = 1/2
+    torch.testing.assert_close(probs[0, 0], expected)
+
+
+def test_last_selfattention_and_intermediate_layers():
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16).eval()
+    x = torch.randn(2, 3, 64, 96)
+    attn = model.get_last_selfattention(x)
+    assert attn.shape == (2, 3, 25, 25)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 25))
+    layers = model.get_intermediate_layers(x, n=4)
+    assert len(layers) == 4 and all(layer.shape == (2, 25, 192) for layer in layers)
+    torch.testing.assert_close(layers[-1][:, 0], model(x))
+
+
+def test_pos_encoding_unchanged_at_training_size():
+    model = vits.vit_tiny()
+    tokens = model.patch_embed(torch.zeros(1, 3, 224, 224))
+    tokens = torch.cat((model.cls_token, tokens), dim=1)
+    assert model.interpolate_pos_encoding(tokens, 224, 224) is model.pos_embed
+
+
+def test_pos_encoding_interpolation_is_bicubic_with_the_reference_scale():
+    model = vits.vit_tiny(patch_size=16)
+    with torch.no_grad():  # a ramp down the rows, constant along the columns
+        rows = torch.arange(14, dtype=torch.float32).repeat_interleave(14)
+        model.pos_embed[0, 1:] = rows[:, None].expand(196, 192)
+    tokens = torch.zeros(1, 1 + 7 * 21, 192)
+    pos = model.interpolate_pos_encoding(tokens, 112, 336)  # H=112 → 7 rows, W=336 → 21 cols
+    grid = pos[0, 1:, 0].reshape(7, 21)
+    assert torch.allclose(grid, grid[:, :1].expand(7, 21), atol=1e-5)  # rows follow input H
+    source = model.pos_embed[0, 1:, 0].reshape(1, 1, 14, 14)
+    expected = F.interpolate(source, scale_factor=(7.1 / 14, 21.1 / 14), mode="bicubic")
+    torch.testing.assert_close(grid, expected[0, 0])
+    assert not torch.allclose(grid, F.interpolate(source, size=(7, 21), mode="bicubic")[0, 0])
+
+
+@pytest.mark.parametrize("height,width", [(224, 224), (160, 96), (48, 240)])
+def test_forward_any_multiple_of_the_patch(height, width):
+    model = vits.vit_tiny(patch_size=16).eval()
+    assert model(torch.randn(2, 3, height, width)).shape == (2, 192)
+
+
+def test_drop_path_keeps_expectation_and_zeroes_whole_samples():
+    torch.manual_seed(0)
+    x = torch.ones(4000, 3, 5)
+    out = vits.drop_path(x, 0.25, training=True)
+    per_sample = out[:, 0, 0]
+    assert torch.all((per_sample == 0) | torch.isclose(per_sample, torch.tensor(1 / 0.75)))
+    assert torch.all(out == per_sample[:, None, None])
+    assert math.isclose(out.mean().item(), 1.0, abs_tol=0.05)
+    assert torch.equal(vits.drop_path(x, 0.25, training=False), x)

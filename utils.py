@@ -1,0 +1,717 @@
+"""Helpers shared by every DINO script: distributed set-up, schedules, optimisation, checkpoints,
+weight loading, logging and data.
+"""
+import argparse
+import builtins
+import datetime
+import itertools
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections import defaultdict, deque
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torchvision
+from PIL import Image, ImageFilter, ImageOps
+
+import vision_transformer as vits
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+REFERENCE_URL_PREFIX = "https://dl.fbaipublicfiles.com/dino/"
+
+
+class InputError(Exception):
+    """A problem with what the user passed (flag, folder, file): reported as one line."""
+
+
+def run_cli(main: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """Run a script's main; report an InputError as a one-line message and exit status 2."""
+    try:
+        main(args)
+    except InputError as error:
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {error}\n")
+        sys.exit(2)
+    finally:
+        cleanup_distributed()
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def bool_flag(value: str) -> bool:
+    """Parse on/true/1 and off/false/0 (any case) for argparse."""
+    lowered = value.lower()
+    if lowered in {"on", "true", "1"}:
+        return True
+    if lowered in {"off", "false", "0"}:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {value!r} (use true/false, on/off, 1/0)")
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every distributed script shares; `--local-rank` is torch>=2's spelling."""
+    parser.add_argument("--dist_url", default="env://", type=str,
+                        help="url used to set up distributed training")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Please ignore and do not set this argument.")
+
+
+def fix_random_seeds(seed: int = 31) -> None:
+    """Seed torch (all devices) and numpy."""
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed)
+
+
+def get_sha() -> str:
+    """Git commit, cleanliness and branch of the code being run."""
+    cwd = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*command: str) -> str:
+        return subprocess.check_output(["git", *command], cwd=cwd,
+                                       stderr=subprocess.DEVNULL).decode("ascii").strip()
+
+    sha, diff, branch = "N/A", "clean", "N/A"
+    try:
+        sha = git("rev-parse", "HEAD")
+        subprocess.check_output(["git", "diff"], cwd=cwd, stderr=subprocess.DEVNULL)
+        diff = "has uncommited changes" if git("diff-index", "HEAD") else "clean"
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    except Exception:
+        pass
+    return f"sha: {sha}, status: {diff}, branch: {branch}"
+
+
+def print_run_header(args: argparse.Namespace) -> None:
+    print("git:\n  {}\n".format(get_sha()))
+    print("\n".join(f"{key}: {value}" for key, value in sorted(vars(args).items())))
+
+
+# ------------------------------------------------------------------------------------------------
+# Architectures
+# ------------------------------------------------------------------------------------------------
+
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
+# Names of facebookresearch/xcit's hub entry points, listed here so that building the parser
+# never needs the network (reference issue #159); they are fetched only when one is trained.
+XCIT_ARCHS = tuple(f"xcit_{size}_{depth}_p{patch}"
+                   for size, depth in (("nano", 12), ("tiny", 12), ("tiny", 24), ("small", 12),
+                                       ("small", 24), ("medium", 24), ("large", 24))
+                   for patch in (16, 8))
+
+
+def torchvision_arch_names() -> List[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def arch_choices() -> List[str]:
+    """--arch choices: our ViTs (and deit aliases), XCiT hub names, installed torchvision models."""
+    return [*VIT_ARCHS, "xcit", "deit_tiny", "deit_small", *XCIT_ARCHS, *torchvision_arch_names()]
+
+
+def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.0):
+    """(backbone with no classifier, its feature width) for a ViT, XCiT or torchvision name."""
+    arch = arch.replace("deit", "vit")
+    if arch in VIT_ARCHS:
+        model = vits.__dict__[arch](patch_size=patch_size, drop_path_rate=drop_path_rate)
+        return model, model.embed_dim
+    if arch.startswith("xcit"):
+        model = torch.hub.load("facebookresearch/xcit:main", arch, pretrained=False,
+                               num_classes=0, drop_path_rate=drop_path_rate)
+        return model, model.embed_dim
+    if arch in torchvision_arch_names():
+        model = torchvision.models.get_model(arch, weights=None)
+        if not isinstance(getattr(model, "fc", None), nn.Linear):
+            raise InputError(f"torchvision model {arch!r} has no .fc classifier to remove; "
+                             "use a ResNet-style convnet or a ViT")
+        embed_dim = model.fc.weight.shape[1]
+        model.fc = nn.Identity()
+        return model, embed_dim
+    raise InputError(f"unknown architecture {arch!r}: use one of {', '.join(VIT_ARCHS)}, an "
+                     "XCiT hub name or a torchvision model name")
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed
+# ------------------------------------------------------------------------------------------------
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", ""))
+    try:
+        hosts = subprocess.check_output(["scontrol", "show", "hostnames", nodelist],
+                                        stderr=subprocess.DEVNULL).decode().split()
+        return hosts[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "127.0.0.1"
+
+
+def _read_launch_environment(args: argparse.Namespace) -> None:
+    """Set args.rank, args.world_size and args.gpu from torchrun, Slurm, or a lone process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        args.rank = int(env["RANK"])
+        args.world_size = int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env:
+        args.rank = int(env["SLURM_PROCID"])
+        args.world_size = int(env.get("SLURM_NTASKS", getattr(args, "world_size", 1)))
+        gpus = max(torch.cuda.device_count(), 1)
+        args.gpu = int(env.get("SLURM_LOCALID", args.rank % gpus))
+        if args.dist_url == "env://":
+            env.setdefault("MASTER_ADDR", _first_slurm_host())
+            env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+    else:
+        print("Will run the code on one GPU." if torch.cuda.is_available()
+              else "Will run the code on the CPU (one process, gloo backend).")
+        args.rank, args.gpu, args.world_size = 0, 0, 1
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Initialise the process group (nccl on GPUs, gloo on CPU) and silence non-master prints."""
+    _read_launch_environment(args)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(args.gpu)
+    dist.init_process_group(backend=backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    print(f"| distributed init (rank {args.rank}): {args.dist_url}", flush=True)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def cleanup_distributed() -> None:
+    """Destroy the process group so that the process exits (reference issue #185)."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Only the master prints, unless print(..., force=True)."""
+    builtin_print = getattr(builtins.print, "_dino_original", builtins.print)
+
+    def rank_aware_print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    rank_aware_print._dino_original = builtin_print
+    builtins.print = rank_aware_print
+
+
+def device_of(args: argparse.Namespace) -> torch.device:
+    return torch.device("cuda", args.gpu) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedules and optimisation
+# ------------------------------------------------------------------------------------------------
+
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0) -> np.ndarray:
+    """Per-iteration values: linear warm-up (endpoints included), then a half cosine."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 \
+        else np.array([])
+    steps = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / len(steps)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+def get_params_groups(model: nn.Module) -> List[dict]:
+    """[regularised, not regularised (biases and 1-D tensors, weight_decay 0)]."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio; 1-D parameters get neither decay nor it."""
+
+    def __init__(self, params, lr: float = 0, weight_decay: float = 0, momentum: float = 0.9,
+                 eta: float = 0.001, weight_decay_filter=None, lars_adaptation_filter=None):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                        weight_decay_filter=weight_decay_filter,
+                        lars_adaptation_filter=lars_adaptation_filter)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = param.grad
+                if param.ndim != 1:
+                    update = update.add(param, alpha=group["weight_decay"])
+                    param_norm = torch.norm(param)
+                    update_norm = torch.norm(update)
+                    trust = torch.where((param_norm > 0) & (update_norm > 0),
+                                        group["eta"] * param_norm / update_norm,
+                                        torch.ones_like(param_norm))
+                    update = update.mul(trust)
+                state = self.state[param]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(param)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(update)
+                param.add_(mu, alpha=-group["lr"])
+
+
+def clip_gradients(model: nn.Module, clip: float) -> List[torch.Tensor]:
+    """Clip each parameter's gradient to norm `clip` on its own (not a global norm).
+
+    Done with foreach kernels and no host sync; returns the pre-clipping norms.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return []
+    norms = torch._foreach_norm(grads)
+    coefs = torch._foreach_add(norms, 1e-6)
+    torch._foreach_reciprocal_(coefs)
+    torch._foreach_mul_(coefs, clip)
+    # A coefficient of exactly 1 leaves a gradient bit-identical, as the reference's `if coef < 1`.
+    torch._foreach_clamp_max_(coefs, 1.0)
+    torch._foreach_mul_(grads, coefs)
+    return norms
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Drop the head's last-layer gradients during the first `freeze_last_layer` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, param in model.named_parameters():
+        if "last_layer" in name:
+            param.grad = None
+
+
+def has_batchnorms(model: nn.Module) -> bool:
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(module, bn_types) for module in model.modules())
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)
+             ) -> List[torch.Tensor]:
+    """Top-k accuracies in percent."""
+    maxk = max(topk)
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.t().eq(target.reshape(1, -1).expand_as(pred.t()))
+    return [correct[:k].reshape(-1).float().sum(0) * 100.0 / target.size(0) for k in topk]
+
+
+class MultiCropWrapper(nn.Module):
+    """Runs the backbone once per run of same-resolution crops, then the head once on all."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        backbone.fc, backbone.head = nn.Identity(), nn.Identity()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x) -> torch.Tensor:
+        crops = x if isinstance(x, (list, tuple)) else [x]
+        features = []
+        for _, same_size in itertools.groupby(crops, key=lambda crop: crop.shape[-1]):
+            output = self.backbone(torch.cat(list(same_size)))
+            features.append(output[0] if isinstance(output, tuple) else output)
+        return self.head(torch.cat(features))
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentations used by DataAugmentationDINO
+# ------------------------------------------------------------------------------------------------
+
+class GaussianBlur:
+    """PIL Gaussian blur with probability p and a radius drawn uniformly from [min, max]."""
+
+    def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.prob = p
+        self.radius_min = radius_min
+        self.radius_max = radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() > self.prob:
+            return img
+        radius = random.uniform(self.radius_min, self.radius_max)
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+class Solarization:
+    """PIL solarization (threshold 128) with probability p."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+def find_images(root: str) -> List[str]:
+    """All image files under `root`, recursively and sorted; a clear error if there are none."""
+    if not os.path.isdir(root):
+        raise InputError(f"data folder {root!r} does not exist or is not a directory")
+    paths = sorted(
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(root, followlinks=True)
+        for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise InputError(f"data folder {root!r} contains no images "
+                         f"(looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Every image under a folder (class sub-folders or none); labels are not used.
+
+    An unreadable image is replaced by the next readable one and counted, so that one bad
+    file never stops an epoch. Items are (transformed image, number of files skipped).
+    """
+
+    def __init__(self, root: str, transform: Callable, max_skips: int = 50):
+        self.paths = find_images(root)
+        self.transform = transform
+        self.max_skips = max_skips
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        for skipped in range(min(self.max_skips, len(self.paths))):
+            path = self.paths[(index + skipped) % len(self.paths)]
+            try:
+                with Image.open(path) as img:
+                    image = img.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                warnings.warn(f"skipping unreadable image {path}: {error}")
+                continue
+            return self.transform(image), skipped
+        raise InputError(f"{self.max_skips} consecutive images from {self.paths[index]!r} on "
+                         "could not be read: is the data folder corrupt?")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints and weights
+# ------------------------------------------------------------------------------------------------
+
+def save_on_master(obj, path: str) -> None:
+    """torch.save on rank 0, atomically: a kill mid-write never leaves a corrupt file."""
+    if not is_main_process():
+        return
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_checkpoint_file(path: str) -> dict:
+    """torch.load a DINO checkpoint on CPU; the pickled argparse.Namespace is allow-listed."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for a non-checkpoint file
+            if "weights_only" not in str(error):
+                raise InputError(f"cannot read checkpoint {path!r}: {error}") from error
+    # Trusted local file with objects beyond tensors and Namespace (e.g. numpy scalars).
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restart_from_checkpoint(ckp_path: str, run_variables: Optional[dict] = None, **kwargs) -> None:
+    """Load every named object's state from `ckp_path` if it exists; fill `run_variables`."""
+    if not os.path.isfile(ckp_path):
+        return
+    print(f"Found checkpoint at {ckp_path}")
+    checkpoint = load_checkpoint_file(ckp_path)
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key not in checkpoint:
+            print(f"=> key '{key}' not found in checkpoint: '{ckp_path}'")
+            continue
+        try:
+            msg = value.load_state_dict(checkpoint[key], strict=False)
+            print(f"=> loaded '{key}' from checkpoint '{ckp_path}' with msg {msg}")
+        except TypeError:
+            try:
+                value.load_state_dict(checkpoint[key])
+                print(f"=> loaded '{key}' from checkpoint: '{ckp_path}'")
+            except ValueError:
+                print(f"=> failed to load '{key}' from checkpoint: '{ckp_path}'")
+    if run_variables is not None:
+        for name in run_variables:
+            if name in checkpoint:
+                run_variables[name] = checkpoint[name]
+
+
+_REFERENCE_BACKBONES = {
+    ("vit_small", 16): "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+    ("vit_small", 8): "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+    ("vit_base", 16): "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+    ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+    ("resnet50", None): "dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+}
+_REFERENCE_LINEAR = {
+    ("vit_small", 16): "dino_deitsmall16_pretrain/dino_deitsmall16_linearweights.pth",
+    ("vit_small", 8): "dino_deitsmall8_pretrain/dino_deitsmall8_linearweights.pth",
+    ("vit_base", 16): "dino_vitbase16_pretrain/dino_vitbase16_linearweights.pth",
+    ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_linearweights.pth",
+    ("resnet50", None): "dino_resnet50_pretrain/dino_resnet50_linearweights.pth",
+}
+_XCIT_RELEASES = ("xcit_small_12_p16", "xcit_small_12_p8", "xcit_medium_24_p16",
+                  "xcit_medium_24_p8")
+
+
+def reference_weights_url(arch: str, patch_size: int, kind: str = "pretrain",
+                          visualisation: bool = False) -> Optional[str]:
+    """URL of the reference release for (arch, patch), or None when there is none.
+
+    kind is "pretrain" (backbone) or "linear" (eval_linear weights); visualisation picks the
+    300-epoch ViT-S/8 backbone that the reference's figures use.
+    """
+    if kind == "pretrain" and visualisation and (arch, patch_size) == ("vit_small", 8):
+        return REFERENCE_URL_PREFIX + \
+            "dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth"
+    if kind == "pretrain" and arch in _XCIT_RELEASES:
+        return REFERENCE_URL_PREFIX + f"dino_{arch}_pretrain/dino_{arch}_pretrain.pth"
+    table = _REFERENCE_BACKBONES if kind == "pretrain" else _REFERENCE_LINEAR
+    name = table.get((arch, patch_size)) or table.get((arch, None))
+    return REFERENCE_URL_PREFIX + name if name else None
+
+
+def download_state_dict(url: str) -> dict:
+    """Fetch a state_dict through torch.hub's cache; a clear error when offline."""
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu")
+    except Exception as error:
+        raise InputError(f"could not download reference weights from {url} ({error}); pass a "
+                         "local file with --pretrained_weights") from error
+
+
+def _strip_wrapper_prefixes(state_dict: dict) -> dict:
+    # A substring replace, as the reference: `module.` (DDP) then `backbone.` (MultiCropWrapper).
+    return {key.replace("module.", "").replace("backbone.", ""): value
+            for key, value in state_dict.items()}
+
+
+def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoint_key: Optional[str],
+                            model_name: str, patch_size: int, visualisation: bool = False) -> None:
+    """Load backbone weights from a file, from the reference release, or keep random weights.
+
+    A file is loaded non-strictly (head keys of training checkpoints are ignored) but must fit:
+    a shape mismatch or no backbone key matched is an InputError. An empty path downloads the
+    reference weights; the word "random" keeps the random initialisation.
+    """
+    if pretrained_weights == "random":
+        print(f"Using random weights for {model_name} (asked for with --pretrained_weights random).")
+        return
+    if pretrained_weights:
+        if not os.path.isfile(pretrained_weights):
+            raise InputError(f"--pretrained_weights {pretrained_weights!r} is not a file")
+        state_dict = load_checkpoint_file(pretrained_weights)
+        if checkpoint_key is not None and checkpoint_key in state_dict:
+            print(f"Take key {checkpoint_key} in provided checkpoint dict")
+            state_dict = state_dict[checkpoint_key]
+        load_backbone_state_dict(model, _strip_wrapper_prefixes(state_dict), pretrained_weights)
+        return
+    url = reference_weights_url(model_name, patch_size, visualisation=visualisation)
+    if url is None:
+        raise InputError(f"no reference weights exist for {model_name} with patch {patch_size}: "
+                         "pass --pretrained_weights FILE, or 'random' for random weights")
+    print("Since no pretrained weights have been provided, we load the reference pretrained "
+          f"DINO weights from {url}.")
+    model.load_state_dict(download_state_dict(url), strict=(model_name != "resnet50"))
+
+
+def load_backbone_state_dict(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Non-strict load that still fails loudly on shape mismatches or on no key matching."""
+    model_keys = model.state_dict()
+    matched = [key for key in model_keys if key in state_dict]
+    if not matched:
+        raise InputError(f"no key of {source!r} matches the model's backbone (it has e.g. "
+                         f"{list(state_dict)[:3]}, the model expects e.g. {list(model_keys)[:3]}): "
+                         "wrong file or wrong --checkpoint_key?")
+    for key in matched:
+        if state_dict[key].shape != model_keys[key].shape:
+            raise InputError(f"{source!r} does not fit the model: {key} has shape "
+                             f"{tuple(state_dict[key].shape)}, the model expects "
+                             f"{tuple(model_keys[key].shape)} (check --arch and --patch_size)")
+    msg = model.load_state_dict(state_dict, strict=False)
+    print(f"Pretrained weights found at {source} and loaded with msg: {msg}")
+    if msg.missing_keys:
+        warnings.warn(f"{len(msg.missing_keys)} backbone keys were not in {source} and keep "
+                      f"random values: {msg.missing_keys[:5]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging
+# ------------------------------------------------------------------------------------------------
+
+class SmoothedValue:
+    """A series of values, reported as the median of a window and the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
+        self.fmt = fmt or "{median:.6f} ({global_avg:.6f})"
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """All-reduce count and total (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        totals = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        dist.barrier()
+        dist.all_reduce(totals)
+        self.count = int(totals[0].item())
+        self.total = totals[1].item()
+
+    @property
+    def median(self) -> float:
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self) -> float:
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(self.deque)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1]
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    """Named SmoothedValues and a progress line with ETA every `print_freq` iterations."""
+
+    def __init__(self, delimiter: str = "\t"):
+        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs) -> None:
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].update(value)
+
+    def __getattr__(self, attr: str):
+        meters = self.__dict__.get("meters", {})
+        if attr in meters:
+            return meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "") -> Iterator:
+        total = len(iterable)
+        start = end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.6f}")
+        data_time = SmoothedValue(fmt="{avg:.6f}")
+        width = len(str(total))
+        fields = [header, f"[{{0:>{width}}}/{total}]", "eta: {eta}", "{meters}",
+                  "time: {time}", "data: {data}"]
+        if torch.cuda.is_available():
+            fields.append("max mem: {memory:.0f}")
+        line = self.delimiter.join(fields)
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
+                memory = torch.cuda.max_memory_allocated() / 2 ** 20 \
+                    if torch.cuda.is_available() else 0
+                print(line.format(i, eta=eta, meters=str(self), time=str(iter_time),
+                                  data=str(data_time), memory=memory))
+            end = time.time()
+        total_time = time.time() - start
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
+              f"({total_time / max(total, 1):.6f} s / it)")
+
+
+def append_json_line(path: str, record: dict) -> None:
+    """Append one JSON object as a line of a log file (rank 0 only)."""
+    if is_main_process():
+        with open(path, "a") as log_file:
+            log_file.write(json.dumps(record) + "\n")
+
+
+def truncate_json_log(path: str, first_epoch_to_drop: int) -> None:
+    """Drop log lines of epochs a resumed run will redo, so the log holds each epoch once."""
+    if not is_main_process() or not os.path.isfile(path):
+        return
+    with open(path) as log_file:
+        lines = [line for line in log_file if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("epoch", -1) < first_epoch_to_drop]
+    if len(kept) != len(lines):
+        tmp_path = f"{path}.tmp{os.getpid()}"
+        with open(tmp_path, "w") as log_file:
+            log_file.writelines(kept)
+        os.replace(tmp_path, path)

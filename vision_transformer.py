@@ -1,0 +1,263 @@
+"""Vision Transformer and DINO projection head, state_dict-compatible with the DINO reference.
+
+Attention runs through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU);
+the explicit softmax path is used only when attention probabilities are asked for.
+"""
+import math
+from functools import partial
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch, rescaling the kept ones."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = torch.empty(mask_shape, dtype=x.dtype, device=x.device).bernoulli_(keep_prob)
+    return x / keep_prob * mask
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Return (output, attention probabilities or None)."""
+        batch, tokens, dim = x.shape
+        # qkv rows are [q | k | v], heads contiguous inside each: the reference weight layout.
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if return_attention:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = attn @ v
+        else:
+            attn = None
+            dropout = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        out = out.transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj_drop(self.proj(out)), attn
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> torch.Tensor:
+        """Return the block output, or only the attention probabilities when asked for."""
+        y, attn = self.attn(self.norm1(x), return_attention=return_attention)
+        if return_attention:
+            return attn
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT whose forward returns the final-normed [CLS] token (or class logits)."""
+
+    def __init__(self, img_size=(224,), patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 0, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 norm_layer=nn.LayerNorm, **kwargs):
+        super().__init__()
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size[0], patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+                  drop_path_rates[i], norm_layer)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_linear_and_norm)
+
+    def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
+        """Position embeddings for a (w=height, h=width) image, bicubic as the reference."""
+        npatch = x.shape[1] - 1
+        stored = self.pos_embed.shape[1] - 1
+        if npatch == stored and w == h:
+            return self.pos_embed
+        class_pos_embed = self.pos_embed[:, 0]
+        patch_pos_embed = self.pos_embed[:, 1:]
+        dim = x.shape[-1]
+        side = int(math.sqrt(stored))
+        patch = self.patch_embed.patch_size
+        # The +0.1 guards against scale_factor rounding the output grid one short (reference #8).
+        w0 = w // patch + 0.1
+        h0 = h // patch + 0.1
+        grid = patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=(w0 / math.sqrt(stored), h0 / math.sqrt(stored)),
+                             mode="bicubic")
+        if grid.shape[-2:] != (int(w0), int(h0)):
+            raise RuntimeError(f"position-embedding grid {tuple(grid.shape[-2:])} does not match "
+                               f"the patch grid {(int(w0), int(h0))}")
+        patch_pos_embed = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        tokens = self.patch_embed(x)
+        tokens = torch.cat((self.cls_token.expand(batch, -1, -1), tokens), dim=1)
+        tokens = tokens + self.interpolate_pos_encoding(tokens, height, width)
+        return self.pos_drop(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prepare_tokens(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities (B, heads, T, T) of the last block, computed exactly."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.blocks[-1](x, return_attention=True)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> List[torch.Tensor]:
+        """Final-normed token sequences of the last `n` blocks, shallow to deep."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if len(self.blocks) - i <= n:
+                outputs.append(self.norm(x))
+        return outputs
+
+
+def _init_linear_and_norm(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _vit(embed_dim: int, num_heads: int, patch_size: int, **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=12,
+                             num_heads=num_heads, mlp_ratio=4, qkv_bias=True,
+                             norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _vit(192, 3, patch_size, **kwargs)
+
+
+def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _vit(384, 6, patch_size, **kwargs)
+
+
+def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _vit(768, 12, patch_size, **kwargs)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight = g * v / ||v|| per output row.
+
+    Same parameters (`weight_g` (K,1), `weight_v` (K,in)) and numbers as the legacy
+    `torch.nn.utils.weight_norm(nn.Linear(...), dim=0)`, without its deprecated hooks.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        # nn.Linear's default init, which the reference keeps for this layer.
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+        return F.linear(x, weight)
+
+
+class DINOHead(nn.Module):
+    """MLP → L2-normalise → weight-normalised prototypes (logits of size out_dim)."""
+
+    def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False,
+                 norm_last_layer: bool = True, nlayers: int = 3, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim)]
+            for _ in range(nlayers - 2):
+                layers += _bn_gelu(hidden_dim, use_bn) + [nn.Linear(hidden_dim, hidden_dim)]
+            layers += _bn_gelu(hidden_dim, use_bn) + [nn.Linear(hidden_dim, bottleneck_dim)]
+            self.mlp = nn.Sequential(*layers)
+        self.apply(_init_linear_and_norm)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, p=2)
+        return self.last_layer(x)
+
+
+def _bn_gelu(dim: int, use_bn: bool) -> List[nn.Module]:
+    return ([nn.BatchNorm1d(dim)] if use_bn else []) + [nn.GELU()]
