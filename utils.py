@@ -450,13 +450,13 @@ def save_on_master(obj, path: str) -> None:
 
 def load_checkpoint_file(path: str) -> dict:
     """torch.load a DINO checkpoint on CPU; the pickled argparse.Namespace is allow-listed."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for a non-checkpoint file
-            if "weights_only" not in str(error):
-                raise InputError(f"cannot read checkpoint {path!r}: {error}") from error
-    # Trusted local file with objects beyond tensors and Namespace (e.g. numpy scalars).
+    except Exception as error:  # torch raises several types for a file it cannot read
+        if "Unsupported global" not in str(error):
+            raise InputError(f"cannot read checkpoint {path!r}: {error}") from error
+    # A trusted local file holding objects beyond tensors and Namespace (e.g. numpy scalars).
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
