@@ -53,6 +53,8 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        # False forces the explicit softmax path everywhere (a reference-like baseline).
+        self.fused_attn = True
 
     def forward(self, x: torch.Tensor, return_attention: bool = False
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -61,7 +63,7 @@ class Attention(nn.Module):
         # qkv rows are [q | k | v], heads contiguous inside each: the reference weight layout.
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if return_attention:
+        if return_attention or not self.fused_attn:
             attn = (q @ k.transpose(-2, -1)) * self.scale
             attn = self.attn_drop(attn.softmax(dim=-1))
             out = attn @ v

@@ -1,0 +1,340 @@
+"""Training-speed benchmark: main_dino's own step under several configurations, side by side.
+
+For each configuration it reports images/s, model FLOPs utilisation, peak memory and, from a
+second pass with a device sync around every phase, the seconds per iteration spent in data,
+teacher forward, student forward + loss, backward, optimizer and EMA. The "reference" config
+reproduces how the original implementation spends its time (see reference_like.py), so every
+gain is a ratio measured in the same run. Prints a table and writes JSON.
+
+Example (one GPU): python benchmarks/train_speed.py --arch vit_small --batch_size 64 \
+    --configs reference fp16 bf16 bf16-compile --json speed.json
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import main_dino  # noqa: E402
+import reference_like  # noqa: E402
+import utils  # noqa: E402
+
+# name: (reference-like step, precision, torch.compile)
+CONFIGS = {
+    "reference": (True, "fp16", False),
+    "fp32": (False, "fp32", False),
+    "fp16": (False, "fp16", False),
+    "bf16": (False, "bf16", False),
+    "fp16-compile": (False, "fp16", True),
+    "bf16-compile": (False, "bf16", True),
+}
+PHASES = ("data", "teacher_forward", "student_forward_loss", "backward", "optimizer", "ema")
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU when --peak_tflops is not given.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0, "L40": 362.0}
+
+
+def get_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--patch_size", type=int, default=16)
+    parser.add_argument("--out_dim", type=int, default=65536)
+    parser.add_argument("--batch_size", type=int, default=64, help="images per step")
+    parser.add_argument("--global_crops_size", type=int, default=224)
+    parser.add_argument("--local_crops_size", type=int, default=96)
+    parser.add_argument("--local_crops_number", type=int, default=8)
+    parser.add_argument("--configs", nargs="+", default=["reference", "fp16", "bf16"],
+                        choices=sorted(CONFIGS))
+    parser.add_argument("--iters", type=int, default=30, help="timed iterations per config")
+    parser.add_argument("--warmup_iters", type=int, default=5,
+                        help="untimed iterations first (compilation, cudnn autotuning)")
+    parser.add_argument("--split_iters", type=int, default=10,
+                        help="iterations of the phase-by-phase pass (0 to skip it)")
+    parser.add_argument("--data_path", default="",
+                        help="image folder for the real data path (PIL augmentation in "
+                             "DataLoader workers); synthetic crops on the device when empty")
+    parser.add_argument("--num_workers", type=int, default=10)
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="device peak for MFU (default: known GPUs' bf16 dense peak)")
+    parser.add_argument("--json", default="", help="write the results to this file")
+    return parser.parse_args()
+
+
+@dataclass
+class Run:
+    """Everything one configuration's training step needs, built by main_dino's own code."""
+    name: str
+    reference: bool
+    args: argparse.Namespace
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    teacher_without_ddp: torch.nn.Module
+    dino_loss: main_dino.DINOLoss
+    optimizer: torch.optim.Optimizer
+    fp16_scaler: Optional[torch.amp.GradScaler]
+    autocast: object
+    schedules: dict
+    student_params: List[torch.Tensor]
+    teacher_params: List[torch.Tensor]
+    logger: utils.MetricLogger = field(default_factory=utils.MetricLogger)
+    pending: list = field(default_factory=list)
+
+
+def main_dino_args(bench: argparse.Namespace, precision: str, compile_models: bool,
+                   total_iters: int) -> argparse.Namespace:
+    args = main_dino.get_args_parser().parse_args([])
+    for name in ("arch", "patch_size", "out_dim", "local_crops_number", "global_crops_size",
+                 "local_crops_size", "num_workers", "data_path"):
+        setattr(args, name, getattr(bench, name))
+    args.batch_size_per_gpu = bench.batch_size
+    args.use_fp16, args.use_bf16 = precision == "fp16", precision == "bf16"
+    args.compile = compile_models
+    args.epochs, args.warmup_epochs = 1, 0
+    args.gpu = 0
+    return args
+
+
+def build_run(name: str, bench: argparse.Namespace, device: torch.device, total_iters: int) -> Run:
+    reference, precision, compile_models = CONFIGS[name]
+    args = main_dino_args(bench, precision, compile_models, total_iters)
+    student, teacher, teacher_without_ddp = main_dino.build_student_teacher(args, device)
+    if reference:
+        reference_like.use_explicit_attention(student)
+        reference_like.use_explicit_attention(teacher)
+        optimizer = torch.optim.AdamW(utils.get_params_groups(student))
+    else:
+        optimizer = main_dino.build_optimizer(args, student, device)
+    dino_loss = main_dino.DINOLoss(args.out_dim, args.local_crops_number + 2,
+                                   args.warmup_teacher_temp, args.teacher_temp, 0, 1).to(device)
+    dtype = main_dino.autocast_dtype(args, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    # One "epoch" covers every iteration, so the schedules never run out.
+    schedules = main_dino.build_schedules(args, total_iters)
+    return Run(name, reference, args, student, teacher, teacher_without_ddp, dino_loss, optimizer,
+               scaler, autocast, schedules, list(student.module.parameters()),
+               list(teacher_without_ddp.parameters()))
+
+
+class PhaseTimer:
+    """Accumulates wall time per phase, syncing the device around each when enabled."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device, self.enabled = device, enabled
+        self.seconds: Dict[str, float] = {phase: 0.0 for phase in PHASES}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[phase] += time.perf_counter() - start
+
+
+def training_step(run: Run, crops: List[torch.Tensor], it: int, timer: PhaseTimer) -> None:
+    """One iteration with main_dino's pieces (or their reference-like variants), phase by phase."""
+    main_dino.set_schedules(run.optimizer, run.schedules, it)
+    with timer("teacher_forward"), run.autocast:
+        teacher_output = run.teacher(crops[:2])
+    with timer("student_forward_loss"), run.autocast:
+        student_output = run.student(crops)
+        if run.reference:
+            loss = reference_like.dino_loss_pairwise(run.dino_loss, student_output, teacher_output, 0)
+        else:
+            loss, diagnostics = run.dino_loss(student_output, teacher_output, 0,
+                                              return_diagnostics=True)
+    with timer("backward"):
+        main_dino.backward(loss, run.optimizer, run.fp16_scaler)
+    momentum = float(run.schedules["momentum"][it])
+    if run.reference:
+        with timer("optimizer"):
+            reference_step(run, loss)
+        with timer("ema"):
+            reference_like.update_teacher_per_parameter(run.student.module, run.teacher_without_ddp,
+                                                        momentum)
+        if loss.device.type == "cuda":
+            torch.cuda.synchronize()
+        run.logger.update(loss=loss.item())
+        return
+    with timer("optimizer"):
+        main_dino.clip_and_step(run.student, run.optimizer, run.fp16_scaler, 0, run.args)
+    with timer("ema"):
+        main_dino.update_teacher(run.student_params, run.teacher_params, momentum)
+    run.pending.append((it, 0.0, 0.0, torch.cat((loss.detach().reshape(1), diagnostics))))
+    if it % main_dino.PRINT_FREQ == 0:
+        main_dino.record_pending(run.logger, run.pending, 0)
+
+
+def reference_step(run: Run, loss: torch.Tensor) -> None:
+    if run.fp16_scaler is not None:
+        run.fp16_scaler.unscale_(run.optimizer)
+    reference_like.clip_gradients_per_parameter(run.student, run.args.clip_grad)
+    utils.cancel_gradients_last_layer(0, run.student, run.args.freeze_last_layer)
+    if run.fp16_scaler is None:
+        run.optimizer.step()
+    else:
+        run.fp16_scaler.step(run.optimizer)
+        run.fp16_scaler.update()
+
+
+def crop_source(bench: argparse.Namespace, args: argparse.Namespace,
+                device: torch.device) -> Callable[[], List[torch.Tensor]]:
+    """A function returning the next batch of crops on the device (synthetic or real data)."""
+    if not bench.data_path:
+        sizes = [bench.global_crops_size] * 2 + [bench.local_crops_size] * bench.local_crops_number
+        crops = [torch.randn(bench.batch_size, 3, s, s, device=device) for s in sizes]
+        return lambda: crops
+    loader = main_dino.build_data_loader(args)
+
+    def batches():
+        while True:
+            yield from loader
+
+    stream = batches()
+    return lambda: [c.to(device, non_blocking=True) for c in next(stream)[0]]
+
+
+def run_iterations(run: Run, next_crops, first_it: int, count: int, timer: PhaseTimer) -> float:
+    start = time.perf_counter()
+    for it in range(first_it, first_it + count):
+        with timer("data"):
+            crops = next_crops()
+        training_step(run, crops, it, timer)
+    if run.pending:
+        main_dino.record_pending(run.logger, run.pending, 0)
+    if timer.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def count_flops_per_image(bench: argparse.Namespace, device: torch.device) -> float:
+    """Model FLOPs of one training step (teacher forward, student forward and backward)."""
+    counting = argparse.Namespace(**vars(bench))
+    counting.batch_size = 2
+    run = build_run("reference", counting, device, total_iters=1)
+    run.autocast = nullcontext()
+    sizes = [bench.global_crops_size] * 2 + [bench.local_crops_size] * bench.local_crops_number
+    crops = [torch.randn(2, 3, s, s, device=device) for s in sizes]
+    with FlopCounterMode(display=False) as counter:
+        teacher_output = run.teacher(crops[:2])
+        loss = run.dino_loss(run.student(crops), teacher_output, 0)
+        loss.backward()
+    return counter.get_total_flops() / 2
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak so far
+
+
+def pil_images_per_second(bench: argparse.Namespace, count: int = 20) -> float:
+    """One worker's rate for DataAugmentationDINO (decode, 2+N crops, PIL ops, to tensors)."""
+    from PIL import Image
+
+    transform = main_dino.DataAugmentationDINO(
+        (0.4, 1.0), (0.05, 0.4), bench.local_crops_number, bench.global_crops_size,
+        bench.local_crops_size)
+    if bench.data_path:
+        dataset = utils.ImageFiles(bench.data_path, transform)
+        items = [dataset.paths[i % len(dataset.paths)] for i in range(count)]
+        load = lambda path: Image.open(path).convert("RGB")  # noqa: E731
+    else:
+        from skimage import data as sample_photos
+        photo = Image.fromarray(sample_photos.astronaut()).resize((500, 375))
+        items, load = [photo] * count, (lambda image: image)
+    start = time.perf_counter()
+    for item in items:
+        transform(load(item))
+    return count / (time.perf_counter() - start)
+
+
+def benchmark_config(name: str, bench: argparse.Namespace, device: torch.device,
+                     flops_per_image: float, peak_tflops: Optional[float]) -> dict:
+    total = bench.warmup_iters + bench.iters + bench.split_iters
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    run = build_run(name, bench, device, total)
+    next_crops = crop_source(bench, run.args, device)
+    run_iterations(run, next_crops, 0, bench.warmup_iters, PhaseTimer(device, False))
+    seconds = run_iterations(run, next_crops, bench.warmup_iters, bench.iters,
+                             PhaseTimer(device, False))
+    images_per_s = bench.batch_size * bench.iters / seconds
+    split = PhaseTimer(device, True)
+    if bench.split_iters:
+        run_iterations(run, next_crops, bench.warmup_iters + bench.iters, bench.split_iters, split)
+    result = {
+        "config": name,
+        "images_per_s": images_per_s,
+        "seconds_per_iter": seconds / bench.iters,
+        "mfu": images_per_s * flops_per_image / (peak_tflops * 1e12) if peak_tflops else None,
+        "peak_memory_mb": peak_memory_mb(device),
+        "phase_seconds_per_iter": {p: s / max(bench.split_iters, 1) for p, s in split.seconds.items()},
+        "final_loss": run.logger.loss.value,
+    }
+    del run
+    torch._dynamo.reset()
+    return result
+
+
+def print_table(results: List[dict]) -> None:
+    reference = next((r for r in results if r["config"] == "reference"), None)
+    header = (f"{'config':<14}{'img/s':>9}{'x ref':>7}{'MFU':>7}{'mem MB':>9}  "
+              + "".join(f"{p[:12]:>13}" for p in PHASES))
+    print(header)
+    for r in results:
+        ratio = r["images_per_s"] / reference["images_per_s"] if reference else float("nan")
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        phases = "".join(f"{1000 * r['phase_seconds_per_iter'][p]:>11.1f}ms" for p in PHASES)
+        print(f"{r['config']:<14}{r['images_per_s']:>9.1f}{ratio:>7.2f}{mfu:>7}"
+              f"{r['peak_memory_mb']:>9.0f}  {phases}")
+
+
+def main() -> None:
+    bench = get_args()
+    init_args = argparse.Namespace(dist_url="env://")
+    utils.init_distributed_mode(init_args)
+    device = utils.device_of(init_args)
+    torch.backends.cudnn.benchmark = True
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak_tflops = bench.peak_tflops or next(
+        (peak for key, peak in PEAK_TFLOPS.items() if key in device_name), None)
+    flops_per_image = count_flops_per_image(bench, device)
+    print(f"device: {device_name}; {flops_per_image / 1e9:.1f} GFLOP per image per step; "
+          f"peak for MFU: {peak_tflops} TFLOP/s")
+    results = [benchmark_config(name, bench, device, flops_per_image, peak_tflops)
+               for name in bench.configs]
+    pil_rate = pil_images_per_second(bench)
+    print_table(results)
+    print(f"PIL augmentation (DataAugmentationDINO): {pil_rate:.1f} images/s per worker")
+    report = {"device": device_name, "torch": torch.__version__, "settings": vars(bench),
+              "flops_per_image": flops_per_image, "peak_tflops": peak_tflops,
+              "pil_images_per_s_per_worker": pil_rate, "results": results}
+    if bench.json:
+        with open(bench.json, "w") as out:
+            json.dump(report, out, indent=2)
+    utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
