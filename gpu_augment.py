@@ -220,21 +220,23 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor,
     """Bicubic crops (count * B, 3, out, out) of B images, clipped to [0, 1].
 
     boxes (count * B, 4) are top, left, height, width in image pixels, rows crop-major.
-    Each crop is weights_y @ image @ weights_x^T, batched as two matrix products.
+    Each crop is weights_y @ image @ weights_x^T, batched as two matrix products; like PIL,
+    the horizontal pass comes first and is clipped before the vertical one.
     """
     batch, channels, height, width = images.shape
     count = len(boxes) // batch
     top, left, box_h, box_w = boxes.unbind(1)
-    weights_y = resampling_weights(top, box_h, height, out_size)
     weights_x = resampling_weights(left, box_w, width, out_size)
     weights_x = torch.where(flip[:, None, None], weights_x.flip(1), weights_x)
-    # The count crops of an image share one product: their y weights are stacked.
-    weights_y = weights_y.view(count, batch, out_size, height).transpose(0, 1).reshape(
-        batch, count * out_size, height)
-    rows = weights_y @ images.transpose(1, 2).reshape(batch, height, channels * width)
-    rows = rows.view(batch, count, out_size * channels, width)
-    weights_x = weights_x.view(count, batch, out_size, width).permute(1, 0, 3, 2)
-    crops = (rows @ weights_x).view(batch, count, out_size, channels, out_size)
+    weights_y = resampling_weights(top, box_h, height, out_size)
+    # The count crops of an image share the horizontal product: their weights are stacked.
+    weights_x = weights_x.view(count, batch, out_size, width).permute(1, 3, 0, 2).reshape(
+        batch, width, count * out_size)
+    columns = (images.reshape(batch, channels * height, width) @ weights_x).clamp_(0, 1)
+    columns = columns.view(batch, channels, height, count, out_size).permute(0, 3, 2, 1, 4)
+    columns = columns.reshape(batch, count, height, channels * out_size)
+    weights_y = weights_y.view(count, batch, out_size, height).transpose(0, 1)
+    crops = (weights_y @ columns).view(batch, count, out_size, channels, out_size)
     crops = crops.permute(1, 0, 3, 2, 4).reshape(count * batch, channels, out_size, out_size)
     return crops.clamp_(0, 1)
 
