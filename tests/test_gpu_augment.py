@@ -4,8 +4,12 @@ Parameter distributions are compared with the PIL pipeline's own settings and wi
 torchvision's samplers; the ops are compared with PIL/torchvision on real photos.
 """
 import argparse
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -165,13 +169,17 @@ def test_flags_loader_and_augmenter_work_together(tmp_path):
         data_path=str(tmp_path), batch_size_per_gpu=2, num_workers=0, seed=3,
         global_crops_scale=GLOBAL_SCALE, local_crops_scale=LOCAL_SCALE, local_crops_number=3,
         global_crops_size=32, local_crops_size=16, **vars(flags))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                                world_size=1)
     try:
         loader = ga.build_canvas_loader(args)
         assert len(loader) == 2  # 5 images, batches of 2, the last partial one dropped
         (canvases, sizes), skipped = next(iter(loader))
         assert canvases.shape == (2, 3, 40, 40) and canvases.dtype == torch.uint8
-        assert {tuple(s) for s in sizes.tolist()} <= set(image_sizes)
+        for canvas, size in zip(canvases, sizes.tolist()):  # each canvas with its own size
+            assert canvas.unique().tolist() == [40 * image_sizes.index(tuple(size))]
         assert skipped.tolist() == [0, 0]
         crops = ga.build_augmenter(args, torch.device("cpu"))(canvases, sizes)
         assert [tuple(c.shape) for c in crops] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 3
@@ -179,7 +187,8 @@ def test_flags_loader_and_augmenter_work_together(tmp_path):
         with pytest.raises(utils.InputError, match="lower --batch_size_per_gpu"):
             ga.build_canvas_loader(args)
     finally:
-        dist.destroy_process_group()
+        if own_group:
+            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,7 +214,8 @@ def test_crop_boxes_follow_torchvision_random_resized_crop(scale, width, height)
     assert np.all(ours == np.round(ours))
     assert np.all((top >= 0) & (left >= 0) & (box_h >= 1) & (box_w >= 1))
     assert np.all((top + box_h <= height) & (left + box_w <= width))
-    ours_stats, their_stats = box_statistics(ours, width, height), box_statistics(theirs, width, height)
+    ours_stats = box_statistics(ours, width, height)
+    their_stats = box_statistics(theirs, width, height)
     for name in ours_stats:
         # 0.045 is the two-sample KS bound for p = 0.001 at n = m = 4000.
         assert ks_statistic(ours_stats[name], their_stats[name]) < 0.045, name
@@ -238,7 +248,8 @@ def sampled():
     augmenter = ga.MultiCropAugmenter(GLOBAL_SCALE, LOCAL_SCALE, 4, 48, 24)
     sizes = torch.tensor([[500, 375]]).repeat(20000, 1)
     global_params, local_params = augmenter.sample_params(sizes, torch.Generator().manual_seed(0))
-    first, second = (ga.CropParams(**{name: value[rows] for name, value in vars(global_params).items()})
+    first, second = (ga.CropParams(**{name: value[rows]
+                                      for name, value in vars(global_params).items()})
                      for rows in (slice(0, 20000), slice(20000, 40000)))
     return {"global1": first, "global2": second, "local": local_params}
 
@@ -311,7 +322,8 @@ def test_augmented_crops_have_the_pil_path_pixel_statistics(chelsea, pil_path):
     augmenter = ga.MultiCropAugmenter(GLOBAL_SCALE, LOCAL_SCALE, 4, 48, 24, seed=0)
     ours = [augmenter(canvas[None].repeat(100, 1, 1, 1), size[None].repeat(100, 1))
             for _ in range(n // 100)]
-    mean, std = torch.tensor(ga.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(ga.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(ga.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(ga.IMAGENET_STD).view(3, 1, 1)
     for crop_index in (0, 1, 2):
         theirs = torch.stack([crops[crop_index] for crops in reference]) * std + mean
         mine = torch.cat([crops[crop_index] for crops in ours]) * std + mean
@@ -392,7 +404,8 @@ def test_solarize_matches_pil_solarize(astronaut):
     ours = ga.solarize(as_float(astronaut))
     assert grey_levels(ours, as_float(ImageOps.solarize(astronaut))).max() < 1e-3
     ramp = torch.arange(256.0).view(1, 1, 1, 256).expand(1, 3, 1, 256) / 255
-    expected = torch.where(torch.arange(256.0) >= 128, 255 - torch.arange(256.0), torch.arange(256.0))
+    levels = torch.arange(256.0)
+    expected = torch.where(levels >= 128, 255 - levels, levels)
     assert torch.allclose(ga.solarize(ramp)[0, 0, 0] * 255, expected, atol=1e-3)
 
 
@@ -471,3 +484,24 @@ def test_whole_recipe_matches_pil_steps_in_order(astronaut):
         error = (ours - reference).abs() * 0.225 * 255  # about grey levels
         # PIL rounds to uint8 after every step (and hue to 8-bit HSV): errors add up.
         assert error.mean() < 2.5 and error.flatten().quantile(0.99) < 8
+
+
+@pytest.mark.slow
+def test_speed_benchmark_script_writes_its_table_and_json(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    output = tmp_path / "speed.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/augment_speed.py", "--device", "cpu", "--batch_size", "2",
+         "--canvas_size", "64", "--global_crops_size", "32", "--local_crops_size", "16",
+         "--local_crops_number", "2", "--pil_images", "2", "--batches", "1",
+         "--output", str(output)],
+        cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "PIL worker: decode + augment" in result.stdout
+    results = json.loads(output.read_text())
+    assert results["crops"] == "2x32+2x16" and results["batch_size"] == 2
+    assert results["augmenter_crops_per_s"] == pytest.approx(
+        4 * results["augmenter_images_per_s"])
+    assert all(results[key] > 0 for key in (
+        "decode_s", "pil_augment_s", "canvas_s", "pil_worker_images_per_s",
+        "canvas_worker_images_per_s", "augmenter_batch_s"))
