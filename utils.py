@@ -715,3 +715,24 @@ def truncate_json_log(path: str, first_epoch_to_drop: int) -> None:
         with open(tmp_path, "w") as log_file:
             log_file.writelines(kept)
         os.replace(tmp_path, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pretraining loader (shared by main_dino's PIL path and gpu_augment's canvas path)
+# ------------------------------------------------------------------------------------------------
+
+def build_pretraining_loader(dataset: torch.utils.data.Dataset,
+                             args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    """Shuffled per-rank batches of `args.batch_size_per_gpu`, dropping the last partial one."""
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+        persistent_workers=args.num_workers > 0)
+    if len(loader) == 0:
+        raise InputError(
+            f"{len(dataset)} images in {args.data_path!r} do not fill one batch of "
+            f"{args.batch_size_per_gpu} per process x {get_world_size()} processes: "
+            "lower --batch_size_per_gpu")
+    print(f"Data loaded: there are {len(dataset)} images.")
+    return loader
