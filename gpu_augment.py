@@ -18,8 +18,6 @@ from PIL import Image
 
 import utils
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop's default
 CROP_ATTEMPTS = 10
 # ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1) as factor ranges, in
@@ -383,8 +381,10 @@ class MultiCropAugmenter(nn.Module):
         self.groups = [[global1, global2]] + ([[local]] if local_crops_number > 0 else [])
         self.blur_radius = math.ceil(3 * BLUR_SIGMA_RANGE[1])
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = (torch.tensor(values).view(1, 3, 1, 1)
+                     for values in (utils.IMAGENET_MEAN, utils.IMAGENET_STD))
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
 
     def sample_params(self, sizes: torch.Tensor,
                       generator: Optional[torch.Generator] = None) -> List[CropParams]:

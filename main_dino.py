@@ -17,13 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
 
+import gpu_augment
 import utils
-import vision_transformer as vits
+from utils import IMAGENET_MEAN, IMAGENET_STD
 from vision_transformer import DINOHead
 
 PRINT_FREQ = 10
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -131,6 +130,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "for small images).")
     parser.add_argument("--local_crops_size", type=int, default=96,
                         help="Side in pixels of the local crops (96 as the reference).")
+    gpu_augment.add_gpu_augment_args(parser)
 
     # Misc
     parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
@@ -196,22 +196,13 @@ class DataAugmentationDINO:
 
 
 def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    """PIL multi-crop in the workers, or uint8 canvases for the batched augmenter."""
+    if args.gpu_augment:
+        return gpu_augment.build_canvas_loader(args)
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                      args.local_crops_number, args.global_crops_size,
                                      args.local_crops_size)
-    dataset = utils.ImageFiles(args.data_path, transform)
-    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
-        persistent_workers=args.num_workers > 0)
-    if len(loader) == 0:
-        raise utils.InputError(
-            f"{len(dataset)} images in {args.data_path!r} do not fill one batch of "
-            f"{args.batch_size_per_gpu} per process x {utils.get_world_size()} processes: "
-            "lower --batch_size_per_gpu")
-    print(f"Data loaded: there are {len(dataset)} images.")
-    return loader
+    return utils.build_pretraining_loader(utils.ImageFiles(args.data_path, transform), args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,6 +420,7 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, teacher_without_ddp:
     header = f"Epoch: [{epoch}/{args.epochs}]"
     student_params = list(student.module.parameters())
     teacher_params = list(teacher_without_ddp.parameters())
+    augmenter = gpu_augment.build_augmenter(args, device) if args.gpu_augment else None
     pending = []  # (step, lr, wd, stats tensor) kept on device until the next print
     skipped = 0
     last_step = len(data_loader) - 1
@@ -436,7 +428,10 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, teacher_without_ddp:
             metric_logger.log_every(data_loader, PRINT_FREQ, header)):
         it = len(data_loader) * epoch + step
         lr, wd = set_schedules(optimizer, schedules, it)
-        crops = [crop.to(device, non_blocking=True) for crop in crops]
+        if augmenter is None:
+            crops = [crop.to(device, non_blocking=True) for crop in crops]
+        else:
+            crops = augmenter(*crops)
         loss, diagnostics = forward_loss(student, teacher, dino_loss, crops, epoch, autocast)
         backward_and_step(loss, student, optimizer, fp16_scaler, epoch, args)
         update_teacher(student_params, teacher_params, float(schedules["momentum"][it]))
@@ -494,6 +489,8 @@ def train_dino(args: argparse.Namespace) -> None:
     device = utils.device_of(args)
     if args.compile is None:
         args.compile = device.type == "cuda"
+    if args.gpu_augment and device.type == "cpu":
+        print("Note: --gpu_augment is slower than the PIL workers on the CPU; it pays off on GPUs.")
     torch.backends.cudnn.benchmark = True
 
     data_loader = build_data_loader(args)

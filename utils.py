@@ -28,6 +28,8 @@ import vision_transformer as vits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 REFERENCE_URL_PREFIX = "https://dl.fbaipublicfiles.com/dino/"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class InputError(Exception):

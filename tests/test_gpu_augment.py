@@ -129,7 +129,7 @@ def test_output_list_matches_the_pil_path_layout(chelsea, pil_path):
     assert [c.shape[1:] for c in crops] == [r.shape for r in reference]
     assert len(crops) == 6 and all(c.shape[0] == 6 for c in crops)
     assert all(c.dtype == torch.float32 and c.device.type == "cpu" for c in crops)
-    mean, std = torch.tensor(ga.IMAGENET_MEAN), torch.tensor(ga.IMAGENET_STD)
+    mean, std = torch.tensor(utils.IMAGENET_MEAN), torch.tensor(utils.IMAGENET_STD)
     low, high = (-mean / std).view(3, 1, 1), ((1 - mean) / std).view(3, 1, 1)
     for crop in crops:
         assert torch.all(crop >= low - 1e-5) and torch.all(crop <= high + 1e-5)
@@ -322,8 +322,8 @@ def test_augmented_crops_have_the_pil_path_pixel_statistics(chelsea, pil_path):
     augmenter = ga.MultiCropAugmenter(GLOBAL_SCALE, LOCAL_SCALE, 4, 48, 24, seed=0)
     ours = [augmenter(canvas[None].repeat(100, 1, 1, 1), size[None].repeat(100, 1))
             for _ in range(n // 100)]
-    mean = torch.tensor(ga.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(ga.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(utils.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(utils.IMAGENET_STD).view(3, 1, 1)
     for crop_index in (0, 1, 2):
         theirs = torch.stack([crops[crop_index] for crops in reference]) * std + mean
         mine = torch.cat([crops[crop_index] for crops in ours]) * std + mean
@@ -384,8 +384,8 @@ def test_canvas_crops_undo_the_aspect_stretch(chelsea):
         augmenter = ga.MultiCropAugmenter(GLOBAL_SCALE, LOCAL_SCALE, 0, 96, 96)
         params = [identity_params(2, box)]
         crop = augmenter.apply(canvas[None], size[None], params)[0]
-        crop = crop * torch.tensor(ga.IMAGENET_STD).view(3, 1, 1) + torch.tensor(
-            ga.IMAGENET_MEAN).view(3, 1, 1)
+        crop = crop * torch.tensor(utils.IMAGENET_STD).view(3, 1, 1) + torch.tensor(
+            utils.IMAGENET_MEAN).view(3, 1, 1)
         errors[canvas_size] = grey_levels(crop, reference).mean()
     assert errors[256] < 1.0 and errors[512] < 0.5
     # The same box without the stretch correction reads a different region.
@@ -478,7 +478,7 @@ def test_whole_recipe_matches_pil_steps_in_order(astronaut):
         expected = pil_ops[op_id](expected, factors[op_id])
     expected = ImageOps.solarize(expected.filter(ImageFilter.GaussianBlur(1.5)))
     expected_gray = TF.resized_crop(astronaut, *box, [96, 96], BICUBIC).convert("L").convert("RGB")
-    normalize = transforms.Normalize(ga.IMAGENET_MEAN, ga.IMAGENET_STD)
+    normalize = transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)
     for ours, reference in ((first, expected), (second, expected_gray)):
         reference = normalize(TF.to_tensor(reference))[None]
         error = (ours - reference).abs() * 0.225 * 255  # about grey levels

@@ -112,8 +112,8 @@ def test_augmentation_crops_sizes_dtype_and_normalisation():
     crops = transform(photo)
     assert [tuple(c.shape) for c in crops] == [(3, 64, 64)] * 2 + [(3, 24, 24)] * 3
     assert all(c.dtype == torch.float32 for c in crops)
-    mean = torch.tensor(main_dino.IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(main_dino.IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(utils.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(utils.IMAGENET_STD)[:, None, None]
     for crop in crops:
         pixels = crop * std + mean  # back to [0, 1]
         assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
@@ -298,3 +298,13 @@ def test_non_finite_loss_stops_with_exit_code_1(small_folder, tmp_path):
     assert result.returncode == 1
     assert "Loss is nan at epoch 0, iteration 0, stopping training" in result.stdout
     assert not (tmp_path / "checkpoint.pth").exists()
+
+
+@pytest.mark.slow
+def test_gpu_augment_path_trains(small_folder, tmp_path):
+    result = run_main_dino(small_folder, tmp_path, "--epochs", "1", "--gpu_augment", "true",
+                           "--canvas_size", "48")
+    with open(tmp_path / "log.txt") as log_file:
+        record = json.loads(log_file.readline())
+    assert math.isfinite(record["train_loss"]) and record["train_skipped_images"] == 1
+    assert utils.load_checkpoint_file(str(tmp_path / "checkpoint.pth"))["args"].gpu_augment
