@@ -1,6 +1,7 @@
 """What visualize_attention.py and video_generation.py share: the frozen ViT, image preprocessing
 and the last block's attention of the [CLS] token over the patches.
 """
+import argparse
 from typing import Optional, Sequence
 
 import torch
@@ -13,6 +14,19 @@ import vision_transformer as vits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--arch, --patch_size, --pretrained_weights, --checkpoint_key with the reference defaults."""
+    parser.add_argument("--arch", default="vit_small", type=str, choices=list(utils.VIT_ARCHS),
+                        help="Architecture (support only ViT atm).")
+    parser.add_argument("--patch_size", default=8, type=int, help="Patch resolution of the model.")
+    parser.add_argument("--pretrained_weights", default="", type=str,
+                        help="Path to pretrained weights to load (a main_dino checkpoint or a "
+                             "backbone file). Empty: download the reference weights (ViT-S/8 uses "
+                             "the 300-epoch ones); 'random': keep random weights.")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='Key to use in the checkpoint (example: "teacher")')
 
 
 def inference_device() -> torch.device:

@@ -24,15 +24,7 @@ FOURCC = {"mp4": "mp4v", "avi": "XVID"}
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Generation self-attention video")
-    parser.add_argument("--arch", default="vit_small", type=str, choices=list(utils.VIT_ARCHS),
-                        help="Architecture (support only ViT atm).")
-    parser.add_argument("--patch_size", default=8, type=int, help="Patch resolution of the model.")
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Path to pretrained weights to load (a main_dino checkpoint or a "
-                             "backbone file). Empty: download the reference weights (ViT-S/8 uses "
-                             "the 300-epoch ones); 'random': keep random weights.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher")')
+    attention_maps.add_model_args(parser)
     parser.add_argument("--input_path", required=True, type=str,
                         help="A video file, a folder of .jpg/.png frames, or with --video_only a "
                              "folder of attn-*.jpg images.")

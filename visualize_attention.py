@@ -6,11 +6,13 @@ mask_th{t}_head{j}.png: per head the smallest set of patches holding a fraction 
 import argparse
 import math
 import os
+from typing import Tuple
 
 import matplotlib.image
 import numpy as np
 import torch
 import torchvision
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Polygon
 from PIL import Image
@@ -25,15 +27,7 @@ DPI = 100
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Visualize Self-Attention maps")
-    parser.add_argument("--arch", default="vit_small", type=str, choices=list(utils.VIT_ARCHS),
-                        help="Architecture (support only ViT atm).")
-    parser.add_argument("--patch_size", default=8, type=int, help="Patch resolution of the model.")
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Path to pretrained weights to load (a main_dino checkpoint or a "
-                             "backbone file). Empty: download the reference weights (ViT-S/8 uses "
-                             "the 300-epoch ones); 'random': keep random weights.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher")')
+    attention_maps.add_model_args(parser)
     parser.add_argument("--image_path", default=None, type=str,
                         help="Path of the image to load. Default: a photo bundled with "
                              "scikit-image (no download).")
@@ -69,7 +63,7 @@ def to_display(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).numpy()
 
 
-def pixel_sized_figure(height: int, width: int):
+def pixel_sized_figure(height: int, width: int) -> Tuple[Figure, Axes]:
     """A borderless figure whose single axes covers exactly height x width saved pixels."""
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, frameon=False)
     ax = fig.add_axes((0, 0, 1, 1))
