@@ -1,0 +1,125 @@
+"""Every fast path gives the plain path's numbers (fp32, one optimizer step, <= 1e-5)."""
+import argparse
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+import main_dino
+import utils
+import vision_transformer as vits
+from tests.conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import reference_like  # noqa: E402
+
+STEP_ARGS = argparse.Namespace(clip_grad=0.05, freeze_last_layer=0)
+
+
+def tiny_student_teacher():
+    torch.manual_seed(0)
+    backbone = vits.VisionTransformer(patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                      qkv_bias=True, drop_path_rate=0.0)
+    student = utils.MultiCropWrapper(backbone, vits.DINOHead(48, 64, hidden_dim=96,
+                                                             norm_last_layer=False))
+    teacher = copy.deepcopy(student)
+    for param in teacher.parameters():
+        param.requires_grad = False
+    return student, teacher
+
+
+def crops_for_step():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)] + \
+           [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(3)]
+
+
+def fast_step(student, teacher, dino_loss, optimizer, crops):
+    loss, _ = main_dino.forward_loss(student, teacher, dino_loss, crops, 0,
+                                     torch.autocast("cpu", enabled=False))
+    main_dino.backward_and_step(loss, student, optimizer, None, 0, STEP_ARGS)
+    main_dino.update_teacher(list(student.parameters()), list(teacher.parameters()), 0.9)
+    return loss
+
+
+def reference_like_step(student, teacher, dino_loss, optimizer, crops):
+    reference_like.use_explicit_attention(student)
+    reference_like.use_explicit_attention(teacher)
+    teacher_output = teacher(crops[:2])
+    loss = reference_like.dino_loss_pairwise(dino_loss, student(crops), teacher_output, 0)
+    optimizer.zero_grad()
+    loss.backward()
+    reference_like.clip_gradients_per_parameter(student, STEP_ARGS.clip_grad)
+    optimizer.step()
+    reference_like.update_teacher_per_parameter(student, teacher, 0.9)
+    return loss
+
+
+def test_fast_training_step_equals_reference_like_step():
+    results = []
+    for step, fused in ((fast_step, True), (reference_like_step, False)):
+        student, teacher = tiny_student_teacher()
+        dino_loss = main_dino.DINOLoss(64, 5, 0.04, 0.04, 0, 1)
+        optimizer = torch.optim.AdamW(utils.get_params_groups(student), lr=1e-3, fused=fused)
+        loss = step(student, teacher, dino_loss, optimizer, crops_for_step())
+        results.append((loss.item(), student.state_dict(), teacher.state_dict(), dino_loss.center))
+    (fast_loss, fast_student, fast_teacher, fast_center), \
+        (ref_loss, ref_student, ref_teacher, ref_center) = results
+    assert fast_loss == pytest.approx(ref_loss, rel=1e-6)
+    for name in fast_student:
+        torch.testing.assert_close(fast_student[name], ref_student[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(fast_teacher[name], ref_teacher[name], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast_center, ref_center, rtol=0, atol=1e-6)
+    initial, _ = tiny_student_teacher()
+    moved = [not torch.equal(fast_student[n], p) for n, p in initial.state_dict().items()]
+    assert sum(moved) > len(moved) // 2  # the step really changed the weights
+
+
+def test_foreach_clipping_equals_per_parameter_clipping():
+    torch.manual_seed(0)
+    first, _ = tiny_student_teacher()
+    second = copy.deepcopy(first)
+    loss_input = torch.randn(6, 3, 32, 32)
+    for model in (first, second):
+        (model(loss_input) ** 2).sum().backward()
+    norms = utils.clip_gradients(first, 0.5)
+    reference_norms = reference_like.clip_gradients_per_parameter(second, 0.5)
+    assert [n.item() for n in norms] == pytest.approx(reference_norms, rel=1e-6)
+    for a, b in zip(first.parameters(), second.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-7)
+
+
+def test_fused_adamw_matches_plain_adamw():
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 7, requires_grad=True), torch.randn(7, requires_grad=True)]
+    copies = [w.detach().clone().requires_grad_() for w in weights]
+    for params, fused in ((weights, True), (copies, False)):
+        optimizer = torch.optim.AdamW([{"params": params[:1], "weight_decay": 0.04},
+                                       {"params": params[1:], "weight_decay": 0.0}],
+                                      lr=0.01, fused=fused)
+        for _ in range(3):
+            optimizer.zero_grad()
+            (params[0].sum(0) * params[1]).pow(2).sum().backward()
+            optimizer.step()
+    for a, b in zip(weights, copies):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_backbone_and_head_match_eager():
+    student, _ = tiny_student_teacher()
+    compiled = copy.deepcopy(student)
+    compiled.backbone.compile(dynamic=False)
+    compiled.head.compile(dynamic=False)
+    assert list(compiled.state_dict()) == list(student.state_dict())  # keys unchanged
+    crops = crops_for_step()
+    eager_out, compiled_out = student(crops), compiled(crops)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=0, atol=1e-5)
+    eager_out.square().sum().backward()
+    compiled_out.square().sum().backward()
+    for a, b in zip(student.parameters(), compiled.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
