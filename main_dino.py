@@ -8,7 +8,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -155,14 +155,16 @@ class DataAugmentationDINO:
 
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
                  local_crops_number: int, global_crops_size: int = 224,
-                 local_crops_size: int = 96):
+                 local_crops_size: int = 96, uint8_output: bool = False):
         flip_and_color_jitter = transforms.Compose([
             transforms.RandomHorizontalFlip(p=0.5),
             transforms.RandomApply([transforms.ColorJitter(
                 brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
             transforms.RandomGrayscale(p=0.2),
         ])
-        normalize = transforms.Compose([
+        # uint8_output leaves ToTensor and Normalize to the training device (build_crop_preparer):
+        # 4x fewer bytes through worker pipes and pinned memory, the same float arithmetic.
+        normalize = transforms.PILToTensor() if uint8_output else transforms.Compose([
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])
@@ -201,8 +203,25 @@ def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
         return gpu_augment.build_canvas_loader(args)
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                      args.local_crops_number, args.global_crops_size,
-                                     args.local_crops_size)
+                                     args.local_crops_size, uint8_output=True)
     return utils.build_pretraining_loader(utils.ImageFiles(args.data_path, transform), args)
+
+
+def build_crop_preparer(args: argparse.Namespace, device: torch.device
+                        ) -> Callable[[Sequence[torch.Tensor]], List[torch.Tensor]]:
+    """Loader batch -> normalised float32 crops on the device, for either data path."""
+    if args.gpu_augment:
+        augmenter = gpu_augment.build_augmenter(args, device)
+        return lambda batch: augmenter(*batch)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def normalize(batch: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        # The same operations as ToTensor + Normalize, so the numbers are the PIL path's.
+        return [crop.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+                for crop in batch]
+
+    return normalize
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,7 +439,7 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, teacher_without_ddp:
     header = f"Epoch: [{epoch}/{args.epochs}]"
     student_params = list(student.module.parameters())
     teacher_params = list(teacher_without_ddp.parameters())
-    augmenter = gpu_augment.build_augmenter(args, device) if args.gpu_augment else None
+    prepare_crops = build_crop_preparer(args, device)
     pending = []  # (step, lr, wd, stats tensor) kept on device until the next print
     skipped = 0
     last_step = len(data_loader) - 1
@@ -428,10 +447,7 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, teacher_without_ddp:
             metric_logger.log_every(data_loader, PRINT_FREQ, header)):
         it = len(data_loader) * epoch + step
         lr, wd = set_schedules(optimizer, schedules, it)
-        if augmenter is None:
-            crops = [crop.to(device, non_blocking=True) for crop in crops]
-        else:
-            crops = augmenter(*crops)
+        crops = prepare_crops(crops)
         loss, diagnostics = forward_loss(student, teacher, dino_loss, crops, epoch, autocast)
         backward_and_step(loss, student, optimizer, fp16_scaler, epoch, args)
         update_teacher(student_params, teacher_params, float(schedules["momentum"][it]))

@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import gpu_augment  # noqa: E402
 import main_dino  # noqa: E402
 import reference_like  # noqa: E402
 import utils  # noqa: E402
@@ -62,9 +63,11 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--split_iters", type=int, default=10,
                         help="iterations of the phase-by-phase pass (0 to skip it)")
     parser.add_argument("--data_path", default="",
-                        help="image folder for the real data path (PIL augmentation in "
-                             "DataLoader workers); synthetic crops on the device when empty")
+                        help="image folder for the real data path (PIL augmentation in the "
+                             "DataLoader workers, or --gpu_augment); synthetic crops on the "
+                             "device when empty")
     parser.add_argument("--num_workers", type=int, default=10)
+    gpu_augment.add_gpu_augment_args(parser)
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="device peak for MFU (default: known GPUs' bf16 dense peak)")
     parser.add_argument("--json", default="", help="write the results to this file")
@@ -95,7 +98,7 @@ def main_dino_args(bench: argparse.Namespace, precision: str, compile_models: bo
                    total_iters: int) -> argparse.Namespace:
     args = main_dino.get_args_parser().parse_args([])
     for name in ("arch", "patch_size", "out_dim", "local_crops_number", "global_crops_size",
-                 "local_crops_size", "num_workers", "data_path"):
+                 "local_crops_size", "num_workers", "data_path", "gpu_augment", "canvas_size"):
         setattr(args, name, getattr(bench, name))
     args.batch_size_per_gpu = bench.batch_size
     args.use_fp16, args.use_bf16 = precision == "fp16", precision == "bf16"
@@ -204,13 +207,15 @@ def crop_source(bench: argparse.Namespace, args: argparse.Namespace,
         crops = [torch.randn(bench.batch_size, 3, s, s, device=device) for s in sizes]
         return lambda: crops
     loader = main_dino.build_data_loader(args)
+    prepare_crops = main_dino.build_crop_preparer(args, device)
 
     def batches():
         while True:
-            yield from loader
+            for crops, _ in loader:
+                yield crops
 
     stream = batches()
-    return lambda: [c.to(device, non_blocking=True) for c in next(stream)[0]]
+    return lambda: prepare_crops(next(stream))
 
 
 def run_iterations(run: Run, next_crops, first_it: int, count: int, timer: PhaseTimer) -> float:
