@@ -1,7 +1,6 @@
 """DINO self-supervised pretraining: a student ViT matches an EMA teacher on multi-crop views."""
 import argparse
 import datetime
-import json
 import math
 import os
 import sys

@@ -6,7 +6,6 @@ import builtins
 import datetime
 import itertools
 import json
-import math
 import os
 import random
 import socket

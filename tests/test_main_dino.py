@@ -302,8 +302,8 @@ def test_non_finite_loss_stops_with_exit_code_1(small_folder, tmp_path):
 
 @pytest.mark.slow
 def test_gpu_augment_path_trains(small_folder, tmp_path):
-    result = run_main_dino(small_folder, tmp_path, "--epochs", "1", "--gpu_augment", "true",
-                           "--canvas_size", "48")
+    run_main_dino(small_folder, tmp_path, "--epochs", "1", "--gpu_augment", "true",
+                  "--canvas_size", "48")
     with open(tmp_path / "log.txt") as log_file:
         record = json.loads(log_file.readline())
     assert math.isfinite(record["train_loss"]) and record["train_skipped_images"] == 1
