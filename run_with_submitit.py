@@ -7,7 +7,7 @@ import getpass
 import os
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import submitit
 
@@ -18,7 +18,7 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 REFERENCE_SHARED_ROOT = "/checkpoint"
 
 
-def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser("Submitit for DINO", parents=[main_dino.get_args_parser()])
     parser.add_argument("--ngpus", default=8, type=int,
                         help="Number of gpus to request on each node (one task per gpu)")

@@ -125,18 +125,19 @@ def test_cli_submits_to_slurm_with_the_requested_resources(tmp_path):
 
 @pytest.fixture(scope="module")
 def local_job(tmp_path_factory):
-    """(args as submitted, finished job) of a one-epoch CPU run with `--output_dir ''`."""
+    """(args as submitted, finished job): one epoch on the CPU in two processes (tasks), with
+    `--output_dir ''` so that the job id names the output folder."""
     from sample_data import write_digits_folder
 
     root = tmp_path_factory.mktemp("submitit")
-    data = write_digits_folder(str(root / "data"), size=32, limit=32)
+    data = write_digits_folder(str(root / "data"), size=32, limit=64)
     args = run_with_submitit.parse_args(
-        ["--cluster", "local", "--nodes", "1", "--ngpus", "1", "--shared_folder",
+        ["--cluster", "local", "--nodes", "1", "--ngpus", "2", "--shared_folder",
          str(root / "shared"), "--output_dir", "", "--data_path", data, *TINY_RUN])
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # restored afterwards
         job = run_with_submitit.submit(args)
-        job.result()
+        job.results()
         yield args, job
 
 
@@ -147,11 +148,13 @@ def test_local_job_trains_and_writes_its_checkpoint(local_job):
     checkpoint = utils.load_checkpoint_file(str(output_dir / "checkpoint.pth"))
     assert checkpoint["epoch"] == 1
     assert checkpoint["args"].output_dir == str(output_dir)
-    assert checkpoint["args"].world_size == 1 and checkpoint["args"].rank == 0
+    assert checkpoint["args"].world_size == 2 and checkpoint["args"].rank == 0
     assert checkpoint["args"].dist_url == args.dist_url
     assert args.dist_url.startswith(Path(args.shared_folder).as_uri())
     assert [json.loads(line)["epoch"] for line in open(output_dir / "log.txt")] == [0]
-    assert "Process group: 1 tasks, rank: 0" in job.stdout()
+    for rank, task in enumerate(job.task(i) for i in range(2)):
+        assert f"Process group: 2 tasks, rank: {rank}" in task.stdout()
+        assert f"| distributed init (rank {rank}): {args.dist_url}" in task.stdout()
 
 
 @pytest.mark.slow
@@ -167,7 +170,7 @@ def test_requeue_hook_resubmits_a_run_that_resumes(local_job):
     assert isinstance(trainer, run_with_submitit.Trainer) and resubmission.args == ()
     assert trainer.args.dist_url != args.dist_url
     assert trainer.args.dist_url.startswith(Path(args.shared_folder).as_uri() + "/")
-    # Run it as if the job had been stopped after epoch 0 of 2.
+    # Run it (in one process, to save time) as if the job had been stopped after epoch 0 of 2.
     trainer.args.epochs = 2
     executor = submitit.AutoExecutor(folder=output_dir, cluster="local")
     executor.update_parameters(timeout_min=30)
