@@ -50,13 +50,7 @@ def _drop_path_rate_only(entry: str, kwargs: dict) -> float:
 def _xcit(arch: str, pretrained: bool, **kwargs) -> nn.Module:
     """An XCiT backbone; its code comes from facebookresearch/xcit through torch.hub (network)."""
     drop_path_rate = _drop_path_rate_only(f"dino_{arch}", kwargs)
-    try:
-        model, _ = utils.build_backbone(arch, drop_path_rate=drop_path_rate)
-    except OSError as error:  # urllib's URLError and socket errors: GitHub could not be reached
-        raise utils.InputError(
-            f"{arch} is defined in the facebookresearch/xcit repository, which torch.hub fetches "
-            f"from GitHub on first use, and that failed ({error}). Connect once (the code is then "
-            f"cached under {torch.hub.get_dir()}) or use a ViT entry point.") from error
+    model, _ = utils.build_backbone(arch, drop_path_rate=drop_path_rate)
     if pretrained:
         _load_reference_weights(model, arch, patch_size=16)
     return model

@@ -128,8 +128,14 @@ def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.0)
         model = vits.__dict__[arch](patch_size=patch_size, drop_path_rate=drop_path_rate)
         return model, model.embed_dim
     if arch.startswith("xcit"):
-        model = torch.hub.load("facebookresearch/xcit:main", arch, pretrained=False,
-                               num_classes=0, drop_path_rate=drop_path_rate)
+        try:
+            model = torch.hub.load("facebookresearch/xcit:main", arch, pretrained=False,
+                                   num_classes=0, drop_path_rate=drop_path_rate)
+        except OSError as error:  # urllib's URLError and socket errors: GitHub was not reached
+            raise InputError(
+                f"{arch} is defined in the facebookresearch/xcit repository, which torch.hub "
+                f"fetches from GitHub on first use, and that failed ({error}). Connect once (the "
+                f"code is then cached under {torch.hub.get_dir()}) or use a ViT.") from error
         return model, model.embed_dim
     if arch in torchvision_arch_names():
         model = torchvision.models.get_model(arch, weights=None)
@@ -528,8 +534,9 @@ def download_state_dict(url: str) -> dict:
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu")
     except Exception as error:
-        raise InputError(f"could not download reference weights from {url} ({error}); pass a "
-                         "local file with --pretrained_weights") from error
+        raise InputError(f"could not download reference weights from {url} ({error}); use a "
+                         "local weights file instead (--pretrained_weights FILE in the scripts)") \
+            from error
 
 
 def _strip_wrapper_prefixes(state_dict: dict) -> dict:
