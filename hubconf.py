@@ -11,7 +11,6 @@ import argparse
 import os
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 import utils
