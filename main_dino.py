@@ -22,8 +22,6 @@ import vision_transformer as vits
 from vision_transformer import DINOHead
 
 PRINT_FREQ = 10
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -161,7 +159,7 @@ class DataAugmentationDINO:
         ])
         normalize = transforms.Compose([
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
         ])
         bicubic = transforms.InterpolationMode.BICUBIC
 

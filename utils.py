@@ -715,3 +715,11 @@ def truncate_json_log(path: str, first_epoch_to_drop: int) -> None:
         with open(tmp_path, "w") as log_file:
             log_file.writelines(kept)
         os.replace(tmp_path, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation helpers (eval_knn.py, eval_linear.py)
+# ------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
