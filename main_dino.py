@@ -18,7 +18,6 @@ from torchvision import transforms
 
 import gpu_augment
 import utils
-from utils import IMAGENET_MEAN, IMAGENET_STD
 from vision_transformer import DINOHead
 
 PRINT_FREQ = 10
@@ -165,7 +164,7 @@ class DataAugmentationDINO:
         # 4x fewer bytes through worker pipes and pinned memory, the same float arithmetic.
         normalize = transforms.PILToTensor() if uint8_output else transforms.Compose([
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
         ])
         bicubic = transforms.InterpolationMode.BICUBIC
 
@@ -212,8 +211,8 @@ def build_crop_preparer(args: argparse.Namespace, device: torch.device
     if args.gpu_augment:
         augmenter = gpu_augment.build_augmenter(args, device)
         return lambda batch: augmenter(*batch)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(utils.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(utils.IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def normalize(batch: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         # The same operations as ToTensor + Normalize, so the numbers are the PIL path's.

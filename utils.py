@@ -744,3 +744,72 @@ def build_pretraining_loader(dataset: torch.utils.data.Dataset,
             "lower --batch_size_per_gpu")
     print(f"Data loaded: there are {len(dataset)} images.")
     return loader
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation helpers (eval_knn.py, eval_linear.py)
+# ------------------------------------------------------------------------------------------------
+
+def add_eval_backbone_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the frozen backbone and of its eval-time image sizes (eval_knn, eval_linear)."""
+    parser.add_argument("--arch", default="vit_small", type=str, choices=arch_choices(),
+                        help="Architecture of the backbone: vit_tiny/small/base, an XCiT hub "
+                             "name or a torchvision convnet.")
+    parser.add_argument("--patch_size", default=16, type=int, help="Patch resolution of the ViT.")
+    parser.add_argument("--pretrained_weights", default="", type=str,
+                        help="Checkpoint to evaluate (a main_dino checkpoint.pth or a backbone "
+                             "state_dict); empty downloads the reference weights, 'random' keeps "
+                             "random weights.")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='Key of the network inside a training checkpoint ("teacher" or '
+                             '"student").')
+    parser.add_argument("--resize_size", default=256, type=int,
+                        help="Shorter side the eval images are resized to (bicubic) before the "
+                             "center crop; lower it together with --crop_size for small images.")
+    parser.add_argument("--crop_size", default=224, type=int,
+                        help="Side of the eval center crop.")
+
+
+def build_frozen_backbone(arch: str, patch_size: int, pretrained_weights: str,
+                          checkpoint_key: Optional[str], device: torch.device):
+    """(backbone in eval mode with frozen weights on `device`, its feature width)."""
+    arch = arch.replace("deit", "vit")
+    model, embed_dim = build_backbone(arch, patch_size)
+    print(f"Model {arch} {patch_size}x{patch_size} built.")
+    load_pretrained_weights(model, pretrained_weights, checkpoint_key, arch, patch_size)
+    for param in model.parameters():
+        param.requires_grad = False
+    return model.to(device).eval(), embed_dim
+
+
+def eval_transform(resize_size: int = 256, crop_size: int = 224) -> Callable:
+    """Resize (bicubic) -> CenterCrop -> ToTensor -> ImageNet normalisation."""
+    transforms = torchvision.transforms
+    return transforms.Compose([
+        transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def image_folder(data_path: str, split: str, transform: Callable,
+                 dataset_class: type = torchvision.datasets.ImageFolder):
+    """`dataset_class` on `data_path/split`; a missing or empty folder is an InputError."""
+    root = os.path.join(data_path, split)
+    layout_hint = "--data_path must hold train/ and val/ folders with one sub-folder per class"
+    if not os.path.isdir(root):
+        raise InputError(f"{root!r} is not a folder: {layout_hint}")
+    try:
+        return dataset_class(root, transform=transform)
+    except FileNotFoundError as error:
+        raise InputError(f"no labelled images in {root!r} ({error}): {layout_hint}") from error
+
+
+def check_same_classes(train_set, val_set) -> None:
+    """Labels are folder indices, so train and val must list the same class folders."""
+    if train_set.classes != val_set.classes:
+        only_train = sorted(set(train_set.classes) - set(val_set.classes))
+        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+        raise InputError(f"train and val class folders differ (only in train: {only_train[:5]}, "
+                         f"only in val: {only_val[:5]}): give both the same class sub-folders")
