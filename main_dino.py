@@ -474,11 +474,17 @@ def warn_on_collapse(stats: Dict[str, float], out_dim: int) -> None:
         print(f"Warning: the loss {stats['loss']:.4f} sits at ln(out_dim) = {uniform_loss:.4f}: "
               "the student's outputs are near uniform (collapse?). Try a lower --teacher_temp, "
               "a higher --momentum_teacher or a lower --lr.")
-    diversity = uniform_loss - stats["teacher_kl"] - stats["teacher_entropy"]
-    if diversity < 0.01:
+    # Entropy of the batch-mean teacher distribution: ln(number of prototypes in use).
+    batch_mean_entropy = uniform_loss - stats["teacher_kl"]
+    if batch_mean_entropy - stats["teacher_entropy"] < 0.01:
         print(f"Warning: every teacher output is the same distribution (entropy "
               f"{stats['teacher_entropy']:.3f}, KL to uniform {stats['teacher_kl']:.3f}): the "
               "training has collapsed. Try a lower --teacher_temp or a larger batch.")
+    elif batch_mean_entropy < math.log(2):
+        print(f"Warning: the teacher puts the whole batch on about "
+              f"{math.exp(batch_mean_entropy):.1f} of {out_dim} prototypes (KL to uniform "
+              f"{stats['teacher_kl']:.3f}): the training is collapsing onto one dimension. "
+              "Try a higher --teacher_temp or a lower --lr.")
 
 
 def checkpoint_state(student, teacher, optimizer, epoch, args, dino_loss, fp16_scaler) -> dict:

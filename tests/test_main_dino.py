@@ -76,13 +76,15 @@ def test_teacher_diagnostics_detect_collapse():
 
 
 def test_warn_on_collapse(capsys):
-    main_dino.warn_on_collapse({"loss": math.log(256), "teacher_entropy": 1.0, "teacher_kl": 1.0},
-                               256)
+    uniform = math.log(256)
+    main_dino.warn_on_collapse({"loss": uniform, "teacher_entropy": 1.0, "teacher_kl": 1.0}, 256)
     assert "sits at ln(out_dim)" in capsys.readouterr().out
-    main_dino.warn_on_collapse({"loss": 2.0, "teacher_entropy": 0.0,
-                                "teacher_kl": math.log(256)}, 256)
+    main_dino.warn_on_collapse({"loss": 2.0, "teacher_entropy": 0.0, "teacher_kl": uniform}, 256)
     out = capsys.readouterr().out
-    assert "collapsed" in out and "ln(out_dim)" not in out
+    assert "every teacher output is the same" in out and "ln(out_dim)" not in out
+    main_dino.warn_on_collapse({"loss": 0.2, "teacher_entropy": 0.1,
+                                "teacher_kl": uniform - 0.26}, 256)
+    assert "about 1.3 of 256 prototypes" in capsys.readouterr().out
     main_dino.warn_on_collapse({"loss": 2.0, "teacher_entropy": 0.5, "teacher_kl": 2.0}, 256)
     assert capsys.readouterr().out == ""
 
