@@ -305,7 +305,8 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device):
             wrapper.backbone.compile(dynamic=False)
             wrapper.head.compile(dynamic=False)
     device_ids = [args.gpu] if device.type == "cuda" else None
-    if utils.has_batchnorms(student):
+    # SyncBatchNorm runs on CUDA only; CPU processes keep per-process batch statistics.
+    if utils.has_batchnorms(student) and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         # SyncBN in the teacher needs a process group through DDP (reference behaviour).

@@ -310,3 +310,15 @@ def test_gpu_augment_path_trains(small_folder, tmp_path):
         record = json.loads(log_file.readline())
     assert math.isfinite(record["train_loss"]) and record["train_skipped_images"] == 1
     assert utils.load_checkpoint_file(str(tmp_path / "checkpoint.pth"))["args"].gpu_augment
+
+
+@pytest.mark.slow
+def test_convnet_with_batchnorm_trains_on_cpu(small_folder, tmp_path):
+    run_main_dino(small_folder, tmp_path, "--epochs", "1", "--arch", "resnet18",
+                  "--out_dim", "64", "--use_bn_in_head", "true")
+    checkpoint = utils.load_checkpoint_file(str(tmp_path / "checkpoint.pth"))
+    teacher_keys = set(checkpoint["teacher"])
+    assert {"backbone.bn1.running_mean", "head.mlp.1.running_var"} <= teacher_keys
+    assert {f"module.{key}" for key in teacher_keys} == set(checkpoint["student"])
+    with open(tmp_path / "log.txt") as log_file:
+        assert math.isfinite(json.loads(log_file.readline())["train_loss"])
