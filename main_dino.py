@@ -173,7 +173,7 @@ class DataAugmentationDINO:
                 transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale,
                                              interpolation=bicubic),
                 flip_and_color_jitter,
-                utils.GaussianBlur(blur_p),
+                utils.GaussianBlur(blur_p, *utils.blur_radius_range(global_crops_size, "global")),
                 utils.Solarization(solarize_p),
                 normalize,
             ])
@@ -185,7 +185,7 @@ class DataAugmentationDINO:
             transforms.RandomResizedCrop(local_crops_size, scale=local_crops_scale,
                                          interpolation=bicubic),
             flip_and_color_jitter,
-            utils.GaussianBlur(p=0.5),
+            utils.GaussianBlur(0.5, *utils.blur_radius_range(local_crops_size, "local")),
             normalize,
         ])
 
@@ -416,8 +416,8 @@ def update_teacher(student_params: List[torch.Tensor], teacher_params: List[torc
 class NonFiniteLossError(RuntimeError):
     def __init__(self, value: float, epoch: int, step: int):
         super().__init__(f"Loss is {value} at epoch {epoch}, iteration {step}, stopping training "
-                         "(checkpoint.pth from the last finished epoch is intact; try "
-                         "--use_fp16 false or a lower --lr)")
+                         "(checkpoint.pth from the last finished epoch is intact; try float32 with "
+                         "--use_fp16 false --use_bf16 false, or a lower --lr)")
 
 
 def record_pending(metric_logger: utils.MetricLogger, pending: list, epoch: int) -> None:
