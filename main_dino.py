@@ -136,7 +136,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "labels ignored) or any folder of images, searched recursively.")
     parser.add_argument("--output_dir", default=".", type=str,
                         help="Path to save logs and checkpoints.")
-    parser.add_argument("--saveckp_freq", default=20, type=int, help="Save checkpoint every x epochs.")
+    parser.add_argument("--saveckp_freq", default=20, type=int,
+                        help="Save checkpoint every x epochs.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="Number of data loading workers per GPU.")
@@ -368,7 +369,8 @@ def set_schedules(optimizer: torch.optim.Optimizer, schedules: Dict[str, np.ndar
 
 
 def forward_loss(student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
-                 crops: List[torch.Tensor], epoch: int, autocast) -> Tuple[torch.Tensor, torch.Tensor]:
+                 crops: List[torch.Tensor], epoch: int,
+                 autocast) -> Tuple[torch.Tensor, torch.Tensor]:
     """Teacher on the global crops, student on all crops; (loss, teacher diagnostics)."""
     with autocast:
         teacher_output = teacher(crops[:2])
@@ -563,8 +565,18 @@ def epoch_log_record(stats: Dict[str, float], epoch: int) -> dict:
     return record
 
 
+def check_schedule_flags(args: argparse.Namespace) -> None:
+    """The LR warm-up must fit in the run (the reference fails with a bare assertion)."""
+    if args.epochs < 1:
+        raise utils.InputError(f"--epochs must be at least 1 (got {args.epochs})")
+    if args.warmup_epochs > args.epochs:
+        raise utils.InputError(f"--warmup_epochs ({args.warmup_epochs}) is longer than --epochs "
+                               f"({args.epochs}): lower --warmup_epochs")
+
+
 def main(args: argparse.Namespace) -> None:
     args.arch = args.arch.replace("deit", "vit")
+    check_schedule_flags(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     try:
         train_dino(args)

@@ -33,7 +33,8 @@ def hand_dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp)
 
     log_p = log_softmax(student / student_temp)
     q = np.exp(log_softmax((teacher - center) / teacher_temp))
-    terms = [np.mean(np.sum(-q[t * batch:(t + 1) * batch] * log_p[s * batch:(s + 1) * batch], axis=1))
+    rows = [slice(crop * batch, (crop + 1) * batch) for crop in range(ncrops)]
+    terms = [np.mean(np.sum(-q[rows[t]] * log_p[rows[s]], axis=1))
              for t in range(2) for s in range(ncrops) if s != t]
     assert len(terms) == 2 * ncrops - 2
     return sum(terms) / len(terms)
@@ -163,8 +164,9 @@ def test_bf16_autocast_forward_on_cpu_keeps_loss_float32():
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     loss, diagnostics = main_dino.forward_loss(student, student, loss_fn, crops, 0, autocast)
     assert loss.dtype == torch.float32 and diagnostics.dtype == torch.float32
-    reference_loss, _ = main_dino.forward_loss(student, student, main_dino.DINOLoss(32, 3, 0.04, 0.04, 0, 1),
-                                               crops, 0, torch.autocast("cpu", enabled=False))
+    fp32_loss = main_dino.DINOLoss(32, 3, 0.04, 0.04, 0, 1)
+    reference_loss, _ = main_dino.forward_loss(student, student, fp32_loss, crops, 0,
+                                               torch.autocast("cpu", enabled=False))
     assert loss.item() == pytest.approx(reference_loss.item(), rel=0.05)
 
 
@@ -287,6 +289,14 @@ def test_bad_data_folder_gives_one_line_error(tmp_path, setup, message):
     assert message in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("main_dino.py: error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_warmup_longer_than_the_run_is_a_clear_error():
+    args = main_dino.get_args_parser().parse_args(["--epochs", "5"])  # default warmup: 10
+    message = r"--warmup_epochs \(10\) is longer than --epochs \(5\)"
+    with pytest.raises(utils.InputError, match=message):
+        main_dino.check_schedule_flags(args)
+    main_dino.check_schedule_flags(main_dino.get_args_parser().parse_args(["--epochs", "10"]))
 
 
 @pytest.mark.slow
