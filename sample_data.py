@@ -1,21 +1,59 @@
 """Small real image data that ships offline, written out as image folders for demos and tests."""
+import gzip
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def write_class_folders(images: np.ndarray, labels: np.ndarray, root: str,
+                        size: Optional[int] = None) -> str:
+    """Write uint8 grey images (N, H, W) as `root/<label>/<index>.png`, resized to `size`."""
+    for index, (pixels, label) in enumerate(zip(images, labels)):
+        folder = os.path.join(root, str(label))
+        os.makedirs(folder, exist_ok=True)
+        image = Image.fromarray(pixels, mode="L")
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.BICUBIC)
+        image.save(os.path.join(folder, f"{index:05d}.png"))
+    return root
+
 
 def write_digits_folder(root: str, size: int = 32, limit: Optional[int] = None) -> str:
-    """Write scikit-learn's bundled 8x8 digits as `root/<digit>/<index>.png` RGB images."""
+    """Write scikit-learn's bundled 8x8 digits (upsampled to `size`) as a class-folder tree."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    count = len(digits.images) if limit is None else min(limit, len(digits.images))
-    for index in range(count):
-        folder = os.path.join(root, str(digits.target[index]))
-        os.makedirs(folder, exist_ok=True)
-        pixels = (digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
-        image = Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC)
-        image.convert("RGB").save(os.path.join(folder, f"{index:04d}.png"))
-    return root
+    pixels = (digits.images[:limit] * (255.0 / 16.0)).astype(np.uint8)
+    return write_class_folders(pixels, digits.target[:limit], root, size)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """A gzipped idx file of unsigned bytes (the MNIST format) as an array of its stored shape."""
+    with gzip.open(path, "rb") as idx_file:
+        data = idx_file.read()
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an idx file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(folder: str, split: str, limit: Optional[int] = None
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """The first `limit` images (N, 28, 28) and labels of the 'train' or 'val' (test) split."""
+    paths = [os.path.join(folder, name) for name in FASHION_MNIST_FILES[split]]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"{', '.join(missing)} not found: install the Debian package dataset-fashion-mnist "
+            "or point to a folder holding the four Fashion-MNIST idx .gz files")
+    images, labels = read_idx(paths[0])[:limit], read_idx(paths[1])[:limit]
+    return images, labels.astype(np.int64)
