@@ -29,7 +29,7 @@ OPSET = 18
 @torch.library.custom_op("dino_export::interpolate_pos_embed", mutates_args=())
 def interpolate_pos_embed(pos_embed: torch.Tensor, height: int, width: int,
                           patch_size: int) -> torch.Tensor:
-    """VisionTransformer.interpolate_pos_encoding for a (height, width) image, as a pure function."""
+    """VisionTransformer.interpolate_pos_encoding for a (height, width) image, as a function."""
     # The method reads only these two attributes of the model, so the numbers are the model's own.
     owner = SimpleNamespace(pos_embed=pos_embed, patch_embed=SimpleNamespace(patch_size=patch_size))
     tokens = pos_embed.new_empty(1, (height // patch_size) * (width // patch_size) + 1,
@@ -44,7 +44,7 @@ def _(pos_embed, height, width, patch_size):
 
 
 def interpolate_pos_embed_onnx(pos_embed, height, width, patch_size: int):
-    """The same interpolation as ONNX ops, with the bicubic scales computed from height and width."""
+    """The same interpolation as ONNX ops, the bicubic scales computed from height and width."""
     tokens, dim = pos_embed.shape[1], pos_embed.shape[2]
     side = math.isqrt(tokens - 1)
     rows, cols = op.Div(height, patch_size), op.Div(width, patch_size)

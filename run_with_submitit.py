@@ -61,7 +61,8 @@ def resolve_shared_folder(shared_folder: Optional[str]) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise utils.InputError(f"cannot create the shared folder {str(folder)!r}: {error}") from error
+        raise utils.InputError(
+            f"cannot create the shared folder {str(folder)!r}: {error}") from error
     return folder.resolve()
 
 
@@ -149,7 +150,8 @@ def submit(args: argparse.Namespace) -> submitit.Job:
     make_repo_importable_in_jobs()
     job = executor.submit(Trainer(args))
     print(f"Submitted job_id: {job.job_id}")
-    print(f"Logs and checkpoints will be saved at: {args.output_dir.replace('%j', str(job.job_id))}")
+    output_dir = args.output_dir.replace("%j", str(job.job_id))
+    print(f"Logs and checkpoints will be saved at: {output_dir}")
     return job
 
 

@@ -60,7 +60,8 @@ def bool_flag(value: str) -> bool:
         return True
     if lowered in {"off", "false", "0"}:
         return False
-    raise argparse.ArgumentTypeError(f"invalid boolean value {value!r} (use true/false, on/off, 1/0)")
+    raise argparse.ArgumentTypeError(
+        f"invalid boolean value {value!r} (use true/false, on/off, 1/0)")
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -258,7 +259,8 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 \
         else np.array([])
     steps = np.arange(epochs * niter_per_ep - warmup_iters)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / len(steps)))
+    cosine = final_value + 0.5 * (base_value - final_value) * (
+        1 + np.cos(np.pi * steps / len(steps)))
     schedule = np.concatenate((warmup, cosine))
     assert len(schedule) == epochs * niter_per_ep
     return schedule
@@ -555,8 +557,9 @@ def _strip_wrapper_prefixes(state_dict: dict) -> dict:
             for key, value in state_dict.items()}
 
 
-def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoint_key: Optional[str],
-                            model_name: str, patch_size: int, visualisation: bool = False) -> None:
+def load_pretrained_weights(model: nn.Module, pretrained_weights: str,
+                            checkpoint_key: Optional[str], model_name: str, patch_size: int,
+                            visualisation: bool = False) -> None:
     """Load backbone weights from a file, from the reference release, or keep random weights.
 
     A file is loaded non-strictly (head keys of training checkpoints are ignored) but must fit:
@@ -564,7 +567,8 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
     reference weights; the word "random" keeps the random initialisation.
     """
     if pretrained_weights == "random":
-        print(f"Using random weights for {model_name} (asked for with --pretrained_weights random).")
+        print(f"Using random weights for {model_name} "
+              "(asked for with --pretrained_weights random).")
         return
     if pretrained_weights:
         if not os.path.isfile(pretrained_weights):

@@ -161,7 +161,8 @@ def training_step(run: Run, crops: List[torch.Tensor], it: int, timer: PhaseTime
     with timer("student_forward_loss"), run.autocast:
         student_output = run.student(crops)
         if run.reference:
-            loss = reference_like.dino_loss_pairwise(run.dino_loss, student_output, teacher_output, 0)
+            loss = reference_like.dino_loss_pairwise(run.dino_loss, student_output,
+                                                     teacher_output, 0)
         else:
             loss, diagnostics = run.dino_loss(student_output, teacher_output, 0,
                                               return_diagnostics=True)
@@ -294,7 +295,8 @@ def benchmark_config(name: str, bench: argparse.Namespace, device: torch.device,
         "seconds_per_iter": seconds / bench.iters,
         "mfu": images_per_s * flops_per_image / (peak_tflops * 1e12) if peak_tflops else None,
         "peak_memory_mb": peak_memory_mb(device),
-        "phase_seconds_per_iter": {p: s / max(bench.split_iters, 1) for p, s in split.seconds.items()},
+        "phase_seconds_per_iter": {phase: seconds / max(bench.split_iters, 1)
+                                   for phase, seconds in split.seconds.items()},
         "final_loss": run.logger.loss.value,
     }
     del run

@@ -181,4 +181,5 @@ def test_requeue_hook_resubmits_a_run_that_resumes(local_job):
     assert "Epoch: [1/2]" in log and "Epoch: [0/2]" not in log
     assert f"| distributed init (rank 0): {trainer.args.dist_url}" in log
     assert utils.load_checkpoint_file(os.path.join(output_dir, "checkpoint.pth"))["epoch"] == 2
-    assert [json.loads(line)["epoch"] for line in open(os.path.join(output_dir, "log.txt"))] == [0, 1]
+    with open(os.path.join(output_dir, "log.txt")) as log_file:
+        assert [json.loads(line)["epoch"] for line in log_file] == [0, 1]

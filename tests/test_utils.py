@@ -43,7 +43,8 @@ def test_cosine_scheduler_warmup_and_end():
     assert schedule[warmup * niter - 1] == pytest.approx(base)  # warm-up endpoint included
     assert schedule[warmup * niter] == pytest.approx(base)  # cosine starts at base
     cosine_len = (epochs - warmup) * niter
-    expected_last = final + 0.5 * (base - final) * (1 + math.cos(math.pi * (cosine_len - 1) / cosine_len))
+    last_angle = math.pi * (cosine_len - 1) / cosine_len
+    expected_last = final + 0.5 * (base - final) * (1 + math.cos(last_angle))
     assert schedule[-1] == pytest.approx(expected_last)
     assert schedule[-1] > final
     no_warmup = utils.cosine_scheduler(0.04, 0.4, 3, 5)
@@ -53,7 +54,8 @@ def test_cosine_scheduler_warmup_and_end():
 def test_clip_gradients_is_per_parameter():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
-    grads = [torch.randn_like(p) * scale for p, scale in zip(model.parameters(), (10, 0.1, 5, 0.01))]
+    scales = (10, 0.1, 5, 0.01)
+    grads = [torch.randn_like(p) * scale for p, scale in zip(model.parameters(), scales)]
     for param, grad in zip(model.parameters(), grads):
         param.grad = grad.clone()
     norms = utils.clip_gradients(model, 1.0)
@@ -78,7 +80,8 @@ def test_lars_step_matches_hand_computation():
     update = torch.tensor([[1.0 + 1.5, 2.0 + 2.0]])  # grad + wd * p
     trust = 0.001 * 5.0 / update.norm()
     torch.testing.assert_close(weight.detach(), torch.tensor([[3.0, 4.0]]) - 0.1 * trust * update)
-    torch.testing.assert_close(bias.detach(), torch.tensor([0.95, -1.05]))  # 1-D: plain momentum SGD
+    # 1-D parameters: plain momentum SGD
+    torch.testing.assert_close(bias.detach(), torch.tensor([0.95, -1.05]))
     weight.grad = torch.tensor([[1.0, 2.0]])
     bias.grad = torch.tensor([0.5, 0.5])
     optimizer.step()

@@ -19,7 +19,8 @@ def reference_vit_layout(dim: int, patch: int, depth: int = 12):
     """(key, shape) pairs in the reference's registration order."""
     tokens = (224 // patch) ** 2 + 1
     layout = [("cls_token", (1, 1, dim)), ("pos_embed", (1, tokens, dim)),
-              ("patch_embed.proj.weight", (dim, 3, patch, patch)), ("patch_embed.proj.bias", (dim,))]
+              ("patch_embed.proj.weight", (dim, 3, patch, patch)),
+              ("patch_embed.proj.bias", (dim,))]
     for i in range(depth):
         b = f"blocks.{i}."
         layout += [(b + "norm1.weight", (dim,)), (b + "norm1.bias", (dim,)),
@@ -56,7 +57,8 @@ def test_reference_layout_loads_strictly_and_drives_the_output():
 def test_classifier_head_appears_only_with_classes():
     model = vits.vit_tiny(num_classes=10)
     state = model.state_dict()
-    assert tuple(state["head.weight"].shape) == (10, 192) and tuple(state["head.bias"].shape) == (10,)
+    assert tuple(state["head.weight"].shape) == (10, 192)
+    assert tuple(state["head.bias"].shape) == (10,)
     assert model(torch.randn(1, 3, 224, 224)).shape == (1, 10)
 
 
