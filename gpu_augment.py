@@ -26,6 +26,7 @@ JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
 JITTER_P = 0.8
 GRAYSCALE_P = 0.2
 FLIP_P = 0.5
+BLUR_SIGMA_RANGE = (0.1, 2.0)
 # ITU-R 601-2 luma, as PIL's convert("L").
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 # PIL inverts uint8 values >= 128; our values are not rounded to uint8 yet, and
@@ -89,7 +90,6 @@ class CropKind:
     count: int
     blur_p: float
     solarize_p: float
-    blur_sigma: Tuple[float, float]  # PIL's blur radius is the Gaussian's sigma
 
 
 @dataclass
@@ -175,7 +175,7 @@ def sample_crop_params(sizes: torch.Tensor, kind: CropKind,
     return CropParams(
         boxes=boxes, flip=happens(FLIP_P), jitter=happens(JITTER_P), jitter_factors=factors,
         jitter_order=order, grayscale=happens(GRAYSCALE_P), blur=happens(kind.blur_p),
-        blur_sigma=uniform((n,), *kind.blur_sigma, device, generator),
+        blur_sigma=uniform((n,), *BLUR_SIGMA_RANGE, device, generator),
         solarize=happens(kind.solarize_p))
 
 
@@ -373,16 +373,13 @@ class MultiCropAugmenter(nn.Module):
         super().__init__()
         global_scale = checked_scale(global_crops_scale, "--global_crops_scale")
         local_scale = checked_scale(local_crops_scale, "--local_crops_scale")
-        global_sigma = utils.blur_radius_range(global_crops_size, "global")
-        local_sigma = utils.blur_radius_range(local_crops_size, "local")
-        global1 = CropKind(global_crops_size, global_scale, count=1, blur_p=1.0, solarize_p=0.0,
-                           blur_sigma=global_sigma)
-        global2 = CropKind(global_crops_size, global_scale, count=1, blur_p=0.1, solarize_p=0.2,
-                           blur_sigma=global_sigma)
+        global1 = CropKind(global_crops_size, global_scale, count=1, blur_p=1.0, solarize_p=0.0)
+        global2 = CropKind(global_crops_size, global_scale, count=1, blur_p=0.1, solarize_p=0.2)
         local = CropKind(local_crops_size, local_scale, count=local_crops_number, blur_p=0.5,
-                         solarize_p=0.0, blur_sigma=local_sigma)
+                         solarize_p=0.0)
         # Crops of one size are resampled and processed as one batch.
         self.groups = [[global1, global2]] + ([[local]] if local_crops_number > 0 else [])
+        self.blur_radius = math.ceil(3 * BLUR_SIGMA_RANGE[1])
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         mean, std = (torch.tensor(values).view(1, 3, 1, 1)
                      for values in (utils.IMAGENET_MEAN, utils.IMAGENET_STD))
@@ -404,13 +401,12 @@ class MultiCropAugmenter(nn.Module):
         crops = []
         for group, group_params in zip(self.groups, params):
             count = sum(kind.count for kind in group)
-            blur_radius = math.ceil(3 * max(kind.blur_sigma[1] for kind in group))
             crops.extend(self.normalize(self.render(images, sizes, group_params, count,
-                                                    group[0].size, blur_radius)).chunk(count))
+                                                    group[0].size)).chunk(count))
         return crops
 
     def render(self, images: torch.Tensor, sizes: torch.Tensor, params: CropParams, count: int,
-               size: int, blur_radius: int) -> torch.Tensor:
+               size: int) -> torch.Tensor:
         """count crops per image, augmented, in [0, 1]: (count * B, 3, size, size)."""
         device = images.device
         boxes = canvas_boxes(params.boxes, sizes.repeat(count, 1), *images.shape[2:])
@@ -419,7 +415,7 @@ class MultiCropAugmenter(nn.Module):
         color_jitter(views, params.jitter, params.jitter_factors, params.jitter_order)
         update_rows(views, params.grayscale, to_grayscale)
         update_rows(views, params.blur, lambda rows, sigma: gaussian_blur(
-            rows, sigma, blur_radius), params.blur_sigma)
+            rows, sigma, self.blur_radius), params.blur_sigma)
         update_rows(views, params.solarize, solarize)
         return views
 

@@ -174,7 +174,7 @@ class DataAugmentationDINO:
                 transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale,
                                              interpolation=bicubic),
                 flip_and_color_jitter,
-                utils.GaussianBlur(blur_p, *utils.blur_radius_range(global_crops_size, "global")),
+                utils.GaussianBlur(blur_p),
                 utils.Solarization(solarize_p),
                 normalize,
             ])
@@ -186,7 +186,7 @@ class DataAugmentationDINO:
             transforms.RandomResizedCrop(local_crops_size, scale=local_crops_scale,
                                          interpolation=bicubic),
             flip_and_color_jitter,
-            utils.GaussianBlur(0.5, *utils.blur_radius_range(local_crops_size, "local")),
+            utils.GaussianBlur(p=0.5),
             normalize,
         ])
 

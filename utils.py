@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict, deque
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,9 +29,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 REFERENCE_URL_PREFIX = "https://dl.fbaipublicfiles.com/dino/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# DINO's Gaussian blur radii, chosen for 224-px global and 96-px local crops.
-BLUR_RADIUS_RANGE = (0.1, 2.0)
-REFERENCE_CROP_SIZES = {"global": 224, "local": 96}
 
 
 class InputError(Exception):
@@ -374,13 +371,6 @@ class MultiCropWrapper(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Augmentations used by DataAugmentationDINO
 # ------------------------------------------------------------------------------------------------
-
-def blur_radius_range(crop_size: int, kind: str) -> Tuple[float, float]:
-    """DINO's blur radii scaled to a crop side, so that a 28-px crop is not blurred as if it were
-    224 px; the reference sizes (224 global, 96 local) keep the reference radii exactly."""
-    scale = crop_size / REFERENCE_CROP_SIZES[kind]
-    return BLUR_RADIUS_RANGE[0] * scale, BLUR_RADIUS_RANGE[1] * scale
-
 
 class GaussianBlur:
     """PIL Gaussian blur with probability p and a radius drawn uniformly from [min, max]."""

@@ -124,22 +124,6 @@ def test_augmentation_crops_sizes_dtype_and_normalisation():
     torch.testing.assert_close(black, (-mean / std).expand(3, 64, 64))
 
 
-def blur_radii(transform) -> tuple:
-    blur = [step for step in transform.transforms if isinstance(step, utils.GaussianBlur)][0]
-    return blur.prob, blur.radius_min, blur.radius_max
-
-
-def test_blur_radius_scales_with_the_crop_side():
-    reference = main_dino.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 2)
-    assert blur_radii(reference.global_transfo1) == (1.0, 0.1, 2.0)
-    assert blur_radii(reference.global_transfo2) == (0.1, 0.1, 2.0)
-    assert blur_radii(reference.local_transfo) == (0.5, 0.1, 2.0)
-    small = main_dino.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 2, global_crops_size=28,
-                                           local_crops_size=48)
-    assert blur_radii(small.global_transfo1) == pytest.approx((1.0, 0.0125, 0.25))
-    assert blur_radii(small.local_transfo) == pytest.approx((0.5, 0.05, 1.0))
-
-
 def test_default_flags_match_the_reference():
     args = main_dino.get_args_parser().parse_args([])
     expected = dict(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True,
