@@ -182,6 +182,7 @@ def check_knn_args(ks: Sequence[int], bank_size: int) -> None:
 
 def main(args: argparse.Namespace) -> None:
     utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
     utils.print_run_header(args)
     use_gpu_bank = args.use_cuda and torch.cuda.is_available()
     storage_device = utils.device_of(args) if use_gpu_bank else torch.device("cpu")

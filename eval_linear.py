@@ -205,6 +205,7 @@ def build_loader(dataset, args: argparse.Namespace, sampler=None) -> torch.utils
 
 def eval_linear(args: argparse.Namespace) -> None:
     utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
     utils.print_run_header(args)
     val_set = utils.image_folder(args.data_path, "val",
                                  utils.eval_transform(args.resize_size, args.crop_size))

@@ -772,6 +772,9 @@ def add_eval_backbone_args(parser: argparse.ArgumentParser) -> None:
                              "center crop; lower it together with --crop_size for small images.")
     parser.add_argument("--crop_size", default=224, type=int,
                         help="Side of the eval center crop.")
+    parser.add_argument("--seed", default=0, type=int,
+                        help="Seed of every random draw, the same on all ranks, so that "
+                             "'--pretrained_weights random' is one network, run after run.")
 
 
 def build_frozen_backbone(arch: str, patch_size: int, pretrained_weights: str,

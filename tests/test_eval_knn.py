@@ -175,3 +175,19 @@ def test_knn_checkpoint_of_another_architecture_is_a_clear_error(run_script, dig
     assert result.returncode == 2
     assert "does not fit the model: pos_embed" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_random_weights_are_one_network_across_runs_and_ranks(run_script, digits_train_val,
+                                                              tmp_path):
+    """--pretrained_weights random is seeded: a rerun and each torchrun rank build the same net."""
+    random_run = ["eval_knn.py", "--data_path", digits_train_val, *SMALL_IMAGES,
+                  "--pretrained_weights", "random", "--nb_knn", "3", "--dump_features"]
+    single = run_script(*random_run, str(tmp_path / "single"))
+    assert single.returncode == 0, single.stdout + single.stderr
+    ranks = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       *random_run, str(tmp_path / "ranks"))
+    assert ranks.returncode == 0, ranks.stdout + ranks.stderr
+    assert knn_results(ranks.stdout) == knn_results(single.stdout)
+    features = [torch.load(tmp_path / run / "trainfeat.pth") for run in ("single", "ranks")]
+    torch.testing.assert_close(features[0], features[1], atol=1e-5, rtol=0)
