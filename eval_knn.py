@@ -34,12 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "testfeat.pth, trainlabels.pth, testlabels.pth).")
     parser.add_argument("--load_features", default=None,
                         help="Folder of previously dumped features: skips the extraction.")
-    parser.add_argument("--num_workers", default=10, type=int,
-                        help="Data loading workers per process.")
+    utils.add_eval_data_args(parser)
     utils.add_distributed_args(parser)
-    parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
-                        help="Folder holding train/ and val/ image folders (one sub-folder per "
-                             "class).")
     return parser
 
 
@@ -84,15 +80,14 @@ def extract_features(model: nn.Module, data_loader, device: torch.device,
     return features
 
 
-def build_loader(dataset, args: argparse.Namespace) -> torch.utils.data.DataLoader:
-    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
-    return torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=False)
-
-
 def dataset_labels(dataset: datasets.ImageFolder) -> torch.Tensor:
     return torch.tensor([label for _, label in dataset.samples], dtype=torch.long)
+
+
+def build_loader(dataset, args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    """Each rank extracts its share of the images, in dataset order."""
+    return utils.eval_loader(dataset, args,
+                             torch.utils.data.DistributedSampler(dataset, shuffle=False))
 
 
 def extract_feature_bank(args: argparse.Namespace, storage_device: torch.device

@@ -32,11 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size_per_gpu", default=128, type=int,
                         help="Images per GPU (or per process).")
     utils.add_distributed_args(parser)
-    parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
-                        help="Folder holding train/ and val/ image folders (one sub-folder per "
-                             "class).")
-    parser.add_argument("--num_workers", default=10, type=int,
-                        help="Data loading workers per process.")
+    utils.add_eval_data_args(parser)
     parser.add_argument("--val_freq", default=1, type=int,
                         help="Validate every val_freq epochs (and after the last one).")
     parser.add_argument("--output_dir", default=".", type=str,
@@ -197,12 +193,6 @@ def validate_network(loader, model: nn.Module, linear_classifier: nn.Module, n_l
     return {name: meter.global_avg for name, meter in meters.items()}
 
 
-def build_loader(dataset, args: argparse.Namespace, sampler=None) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=False)
-
-
 def eval_linear(args: argparse.Namespace) -> None:
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
@@ -221,7 +211,7 @@ def eval_linear(args: argparse.Namespace) -> None:
     dim = linear_input_dim(model, embed_dim, args.n_last_blocks, args.avgpool_patchtokens)
     classifier = build_classifier(dim, resolve_num_labels(args.num_labels, val_set.classes),
                                   args, device)
-    val_loader = build_loader(val_set, args)
+    val_loader = utils.eval_loader(val_set, args)
     features_args = (args.n_last_blocks, args.avgpool_patchtokens, device)
 
     if args.evaluate is not None:
@@ -231,8 +221,8 @@ def eval_linear(args: argparse.Namespace) -> None:
               f"{test_stats['acc1']:.1f}%")
         return
 
-    train_loader = build_loader(train_set, args,
-                                torch.utils.data.DistributedSampler(train_set, shuffle=True))
+    train_loader = utils.eval_loader(train_set, args,
+                                     torch.utils.data.DistributedSampler(train_set, shuffle=True))
     total_batch = args.batch_size_per_gpu * utils.get_world_size()
     optimizer = torch.optim.SGD(classifier.parameters(), lr=args.lr * total_batch / 256.0,
                                 momentum=0.9, weight_decay=0)

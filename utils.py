@@ -777,6 +777,24 @@ def add_eval_backbone_args(parser: argparse.ArgumentParser) -> None:
                              "'--pretrained_weights random' is one network, run after run.")
 
 
+def add_eval_data_args(parser: argparse.ArgumentParser) -> None:
+    """--data_path (train/ and val/ class folders) and --num_workers of the eval scripts."""
+    parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
+                        help="Folder holding train/ and val/ image folders (one sub-folder per "
+                             "class).")
+    parser.add_argument("--num_workers", default=10, type=int,
+                        help="Data loading workers per process.")
+
+
+def eval_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
+                sampler: Optional[torch.utils.data.Sampler] = None
+                ) -> torch.utils.data.DataLoader:
+    """Batches of --batch_size_per_gpu with --num_workers workers, every image kept."""
+    return torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=False)
+
+
 def build_frozen_backbone(arch: str, patch_size: int, pretrained_weights: str,
                           checkpoint_key: Optional[str], device: torch.device):
     """(backbone in eval mode with frozen weights on `device`, its feature width)."""
