@@ -20,6 +20,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import eval_knn  # noqa: E402
 import sample_data  # noqa: E402
 
 # main_dino.py flags for 28x28 grey images and a CPU budget of about 25 minutes (see the README).
@@ -58,12 +59,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def dump_pixel_features(splits: Dict[str, Sequence[np.ndarray]], folder: str) -> None:
     """Raw pixels, L2-normalised, in eval_knn.py's --load_features layout."""
-    os.makedirs(folder, exist_ok=True)
+    bank = {}
     for prefix, (images, labels) in (("train", splits["train"]), ("test", splits["val"])):
         pixels = torch.tensor(images.reshape(len(images), -1), dtype=torch.float)
-        torch.save(torch.nn.functional.normalize(pixels, dim=1),
-                   os.path.join(folder, f"{prefix}feat.pth"))
-        torch.save(torch.tensor(labels), os.path.join(folder, f"{prefix}labels.pth"))
+        bank[f"{prefix}feat"] = torch.nn.functional.normalize(pixels, dim=1)
+        bank[f"{prefix}labels"] = torch.tensor(labels)
+    eval_knn.dump_feature_bank(bank, folder)
 
 
 def prepare_data(args: argparse.Namespace, data_dir: str, pixel_dir: str) -> Dict[str, int]:
