@@ -1,7 +1,6 @@
-"""What visualize_attention.py and video_generation.py share: the frozen ViT, image preprocessing
-and the last block's attention of the [CLS] token over the patches.
+"""What visualize_attention.py and video_generation.py share: the inference device, image
+preprocessing and the last block's attention of the [CLS] token over the patches.
 """
-import argparse
 from typing import Optional, Sequence
 
 import torch
@@ -11,22 +10,6 @@ from torchvision import transforms
 
 import utils
 import vision_transformer as vits
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--arch, --patch_size, --pretrained_weights, --checkpoint_key with the reference defaults."""
-    parser.add_argument("--arch", default="vit_small", type=str, choices=list(utils.VIT_ARCHS),
-                        help="Architecture (support only ViT atm).")
-    parser.add_argument("--patch_size", default=8, type=int, help="Patch resolution of the model.")
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Path to pretrained weights to load (a main_dino checkpoint or a "
-                             "backbone file). Empty: download the reference weights (ViT-S/8 uses "
-                             "the 300-epoch ones); 'random': keep random weights.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher")')
 
 
 def inference_device() -> torch.device:
@@ -54,7 +37,7 @@ def image_to_tensor(image: Image.Image, patch_size: int,
             raise utils.InputError(f"image size {list(size)}: give one positive value (the "
                                    "shorter side) or two (height width)")
         steps.append(transforms.Resize(list(size)))
-    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [transforms.ToTensor(), transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)]
     tensor = transforms.Compose(steps)(image)
     height = tensor.shape[1] - tensor.shape[1] % patch_size
     width = tensor.shape[2] - tensor.shape[2] % patch_size
@@ -62,18 +45,6 @@ def image_to_tensor(image: Image.Image, patch_size: int,
         raise utils.InputError(f"a {tensor.shape[1]}x{tensor.shape[2]} image holds no whole "
                                f"{patch_size}x{patch_size} patch: use a larger image size")
     return tensor[:, :height, :width]
-
-
-def build_attention_model(arch: str, patch_size: int, pretrained_weights: str,
-                          checkpoint_key: Optional[str], device: torch.device
-                          ) -> vits.VisionTransformer:
-    """A frozen ViT in eval mode with weights from a file, the reference release, or "random"."""
-    model = vits.__dict__[arch](patch_size=patch_size, num_classes=0)
-    for param in model.parameters():
-        param.requires_grad = False
-    utils.load_pretrained_weights(model, pretrained_weights, checkpoint_key, arch, patch_size,
-                                  visualisation=True)
-    return model.eval().to(device)
 
 
 @torch.no_grad()

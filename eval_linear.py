@@ -1,8 +1,9 @@
 """Linear probe: a linear classifier trained on the frozen backbone's features."""
 import argparse
+import functools
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
@@ -13,6 +14,8 @@ import vision_transformer as vits
 
 TRAIN_PRINT_FREQ = 20
 VAL_PRINT_FREQ = 20
+# Frozen backbone features of an image batch, as the classifier takes them.
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -126,7 +129,7 @@ def load_linear_weights(linear_classifier: nn.Module, path: str, arch: str,
             raise utils.InputError(f"--evaluate {path!r} is not a file")
         checkpoint, source = utils.load_checkpoint_file(path), path
     else:
-        source = utils.reference_weights_url(arch.replace("deit", "vit"), patch_size, kind="linear")
+        source = utils.reference_weights_url(arch, patch_size, kind="linear")
         if source is None:
             raise utils.InputError(f"no reference linear weights exist for {arch} with patch "
                                    f"{patch_size}: pass a linear checkpoint, e.g. --evaluate "
@@ -147,9 +150,8 @@ def load_linear_weights(linear_classifier: nn.Module, path: str, arch: str,
     print(f"Linear classifier weights loaded from {source}")
 
 
-def train_one_epoch(model: nn.Module, linear_classifier: nn.Module,
-                    optimizer: torch.optim.Optimizer, loader, epoch: int, n_last_blocks: int,
-                    avgpool: bool, device: torch.device) -> Dict[str, float]:
+def train_one_epoch(linear_classifier: nn.Module, optimizer: torch.optim.Optimizer, loader,
+                    epoch: int, features: FeatureFn, device: torch.device) -> Dict[str, float]:
     linear_classifier.train()
     criterion = nn.CrossEntropyLoss()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -157,8 +159,7 @@ def train_one_epoch(model: nn.Module, linear_classifier: nn.Module,
     for images, targets in metric_logger.log_every(loader, TRAIN_PRINT_FREQ, f"Epoch: [{epoch}]"):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        features = frozen_features(model, images, n_last_blocks, avgpool)
-        loss = criterion(linear_classifier(features), targets)
+        loss = criterion(linear_classifier(features(images)), targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -170,8 +171,8 @@ def train_one_epoch(model: nn.Module, linear_classifier: nn.Module,
 
 
 @torch.no_grad()
-def validate_network(loader, model: nn.Module, linear_classifier: nn.Module, n_last_blocks: int,
-                     avgpool: bool, device: torch.device) -> Dict[str, float]:
+def validate_network(loader, linear_classifier: nn.Module, features: FeatureFn,
+                     device: torch.device) -> Dict[str, float]:
     """Loss, acc1 and (with 5 or more labels) acc5 averaged over images; every rank sees all."""
     linear_classifier.eval()
     criterion = nn.CrossEntropyLoss()
@@ -180,7 +181,7 @@ def validate_network(loader, model: nn.Module, linear_classifier: nn.Module, n_l
     for images, targets in metric_logger.log_every(loader, VAL_PRINT_FREQ, "Test:"):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        output = linear_classifier(frozen_features(model, images, n_last_blocks, avgpool))
+        output = linear_classifier(features(images))
         accuracies = utils.accuracy(output, targets, topk=(1, 5) if with_top5 else (1,))
         batch_size = len(images)
         metric_logger.meters["loss"].update(criterion(output, targets).item(), n=batch_size)
@@ -194,6 +195,7 @@ def validate_network(loader, model: nn.Module, linear_classifier: nn.Module, n_l
 
 
 def eval_linear(args: argparse.Namespace) -> None:
+    """Train the linear probe (resuming from output_dir), or with --evaluate only validate."""
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     utils.print_run_header(args)
@@ -211,18 +213,23 @@ def eval_linear(args: argparse.Namespace) -> None:
     dim = linear_input_dim(model, embed_dim, args.n_last_blocks, args.avgpool_patchtokens)
     classifier = build_classifier(dim, resolve_num_labels(args.num_labels, val_set.classes),
                                   args, device)
+    features = functools.partial(frozen_features, model, n_last_blocks=args.n_last_blocks,
+                                 avgpool=args.avgpool_patchtokens)
     val_loader = utils.eval_loader(val_set, args)
-    features_args = (args.n_last_blocks, args.avgpool_patchtokens, device)
-
     if args.evaluate is not None:
         load_linear_weights(classifier, args.evaluate, args.arch, args.patch_size)
-        test_stats = validate_network(val_loader, model, classifier, *features_args)
+        test_stats = validate_network(val_loader, classifier, features, device)
         print(f"Accuracy of the network on the {len(val_set)} test images: "
               f"{test_stats['acc1']:.1f}%")
         return
-
     train_loader = utils.eval_loader(train_set, args,
                                      torch.utils.data.DistributedSampler(train_set, shuffle=True))
+    train_linear(classifier, features, train_loader, val_loader, device, args)
+
+
+def train_linear(classifier: nn.Module, features: FeatureFn, train_loader, val_loader,
+                 device: torch.device, args: argparse.Namespace) -> None:
+    """SGD on the classifier for --epochs with cosine annealing, validating every --val_freq."""
     total_batch = args.batch_size_per_gpu * utils.get_world_size()
     optimizer = torch.optim.SGD(classifier.parameters(), lr=args.lr * total_batch / 256.0,
                                 momentum=0.9, weight_decay=0)
@@ -235,18 +242,18 @@ def eval_linear(args: argparse.Namespace) -> None:
     start_epoch, best_acc = to_restore["epoch"], to_restore["best_acc"]
     log_path = os.path.join(args.output_dir, "log.txt")
     utils.truncate_json_log(log_path, start_epoch)
+    num_val_images = len(val_loader.dataset)
 
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, classifier, optimizer, train_loader, epoch,
-                                      *features_args)
+        train_stats = train_one_epoch(classifier, optimizer, train_loader, epoch, features, device)
         scheduler.step()
         log_stats = {**{f"train_{name}": value for name, value in train_stats.items()},
                      "epoch": epoch}
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-            test_stats = validate_network(val_loader, model, classifier, *features_args)
-            print(f"Accuracy at epoch {epoch} of the network on the {len(val_set)} test images: "
-                  f"{test_stats['acc1']:.1f}%")
+            test_stats = validate_network(val_loader, classifier, features, device)
+            print(f"Accuracy at epoch {epoch} of the network on the {num_val_images} test "
+                  f"images: {test_stats['acc1']:.1f}%")
             best_acc = max(best_acc, test_stats["acc1"])
             print(f"Max accuracy so far: {best_acc:.2f}%")
             log_stats.update({f"test_{name}": value for name, value in test_stats.items()})

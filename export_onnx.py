@@ -3,7 +3,6 @@ import argparse
 import copy
 import math
 import sys
-from types import SimpleNamespace
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -22,19 +21,16 @@ OPSET = 18
 # ------------------------------------------------------------------------------------------------
 # Position-embedding interpolation that exports with a dynamic image size
 # ------------------------------------------------------------------------------------------------
-# Traced as written, `interpolate_pos_encoding` freezes the example's bicubic scale factors into the
-# graph. It is therefore routed through a custom op: in eager mode it runs the model's own method,
-# and in ONNX it becomes a Resize whose scales are computed from the input's height and width.
+# Traced as written, `interpolate_pos_encoding` freezes the example's bicubic scale factors into
+# the graph. It is therefore routed through a custom op: in eager mode it runs the model file's own
+# function, and in ONNX it becomes a Resize whose scales are computed from the input's height and
+# width.
 
 @torch.library.custom_op("dino_export::interpolate_pos_embed", mutates_args=())
 def interpolate_pos_embed(pos_embed: torch.Tensor, height: int, width: int,
                           patch_size: int) -> torch.Tensor:
-    """VisionTransformer.interpolate_pos_encoding for a (height, width) image, as a function."""
-    # The method reads only these two attributes of the model, so the numbers are the model's own.
-    owner = SimpleNamespace(pos_embed=pos_embed, patch_embed=SimpleNamespace(patch_size=patch_size))
-    tokens = pos_embed.new_empty(1, (height // patch_size) * (width // patch_size) + 1,
-                                 pos_embed.shape[-1])
-    return vits.VisionTransformer.interpolate_pos_encoding(owner, tokens, height, width).clone()
+    """vision_transformer.interpolate_pos_embed behind an op that export does not trace into."""
+    return vits.interpolate_pos_embed(pos_embed, height, width, patch_size).clone()
 
 
 @interpolate_pos_embed.register_fake
@@ -106,14 +102,6 @@ class ExportedBackbone(nn.Module):
 # Export and check
 # ------------------------------------------------------------------------------------------------
 
-def build_model(args: argparse.Namespace) -> nn.Module:
-    """The backbone in eval mode with its weights (file, reference release or random)."""
-    model, _ = utils.build_backbone(args.arch, args.patch_size)
-    utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch,
-                                  args.patch_size)
-    return model.eval()
-
-
 def export(model: nn.Module, path: str, with_attention: bool) -> None:
     """Write `model` to ONNX with dynamic batch, height and width."""
     is_vit = isinstance(model, vits.VisionTransformer)
@@ -184,14 +172,7 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Export a DINO backbone to ONNX", add_help=False)
-    parser.add_argument("--arch", default="vit_small", type=str, choices=utils.arch_choices(),
-                        help="Architecture of the backbone.")
-    parser.add_argument("--patch_size", default=16, type=int, help="Patch resolution of the ViT.")
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Weights to export: a checkpoint or backbone file; empty for the "
-                             "reference release; 'random' for random weights.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher")')
+    utils.add_backbone_args(parser, utils.arch_choices())
     parser.add_argument("--output", default="dino_backbone.onnx", type=str,
                         help="Path of the ONNX file to write.")
     parser.add_argument("--with_attention", default=False, type=utils.bool_flag,
@@ -206,8 +187,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    args.arch = args.arch.replace("deit", "vit")
-    model = build_model(args)
+    model, _ = utils.build_frozen_backbone(args.arch, args.patch_size, args.pretrained_weights,
+                                           args.checkpoint_key, torch.device("cpu"))
     export(model, args.output, args.with_attention)
     if not args.check_sizes:
         return

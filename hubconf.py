@@ -33,7 +33,7 @@ def _load_reference_weights(model: nn.Module, arch: str, patch_size: int) -> Non
 
 def _vit(arch: str, patch_size: int, pretrained: bool, **kwargs) -> vits.VisionTransformer:
     """A ViT backbone; kwargs go to its constructor, as in the reference hub."""
-    model = vits.__dict__[arch](patch_size=patch_size, num_classes=0, **kwargs)
+    model, _ = utils.build_backbone(arch, patch_size, **kwargs)
     if pretrained:
         _load_reference_weights(model, arch, patch_size)
     return model
@@ -124,8 +124,7 @@ def dino_from_checkpoint(checkpoint: str, arch: Optional[str] = None,
         raise utils.InputError(f"{checkpoint!r} holds no main_dino args to read the architecture "
                                "from: pass arch= (and patch_size=)")
     patch_size = patch_size or stored_args.get("patch_size", 16)
-    model, _ = utils.build_backbone(arch, patch_size)
-    utils.load_pretrained_weights(model, checkpoint, checkpoint_key, arch, patch_size)
+    model, _ = utils.build_pretrained_backbone(arch, patch_size, checkpoint, checkpoint_key)
     return model
 
 

@@ -1,5 +1,5 @@
-"""Helpers shared by every DINO script: distributed set-up, schedules, optimisation, checkpoints,
-weight loading, logging and data.
+"""Helpers shared by every DINO script: command line, architectures, distributed set-up,
+schedules and optimisation, model wrappers, data, checkpoints and weights, logging, evaluation.
 """
 import argparse
 import builtins
@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict, deque
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
 class InputError(Exception):
     """A problem with what the user passed (flag, folder, file): reported as one line."""
 
@@ -45,10 +49,6 @@ def run_cli(main: Callable[[argparse.Namespace], None], args: argparse.Namespace
     finally:
         cleanup_distributed()
 
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
 
 def bool_flag(value: str) -> bool:
     """Parse on/true/1 and off/false/0 (any case) for argparse."""
@@ -69,6 +69,28 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                         help="Please ignore and do not set this argument.")
 
 
+def add_backbone_args(parser: argparse.ArgumentParser, arch_names: Sequence[str],
+                      default_patch_size: int = 16) -> None:
+    """--arch, --patch_size, --pretrained_weights and --checkpoint_key of a pretrained backbone."""
+    parser.add_argument("--arch", default="vit_small", type=canonical_arch, choices=arch_names,
+                        help="Architecture of the backbone: vit_tiny/small/base (deit_* are "
+                             "aliases), or where accepted an XCiT hub name or a torchvision "
+                             "convnet.")
+    parser.add_argument("--patch_size", default=default_patch_size, type=int,
+                        help="Patch resolution of the ViT.")
+    parser.add_argument("--pretrained_weights", default="", type=str,
+                        help="Weights to load: a main_dino checkpoint.pth or a backbone "
+                             "state_dict; empty downloads the reference weights for --arch and "
+                             "--patch_size; 'random' keeps random weights.")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='Key of the network inside a training checkpoint ("teacher" or '
+                             '"student").')
+
+
+# ------------------------------------------------------------------------------------------------
+# Run set-up
+# ------------------------------------------------------------------------------------------------
+
 def fix_random_seeds(seed: int = 31) -> None:
     """Seed torch (all devices) and numpy."""
     torch.manual_seed(seed)
@@ -87,8 +109,9 @@ def get_sha() -> str:
     sha, diff, branch = "N/A", "clean", "N/A"
     try:
         sha = git("rev-parse", "HEAD")
-        subprocess.check_output(["git", "diff"], cwd=cwd, stderr=subprocess.DEVNULL)
-        diff = "has uncommited changes" if git("diff-index", "HEAD") else "clean"
+        # `status` compares file contents (diff-index alone trusts stale index timestamps).
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        diff = "has uncommited changes" if dirty else "clean"
         branch = git("rev-parse", "--abbrev-ref", "HEAD")
     except Exception:
         pass
@@ -122,11 +145,25 @@ def arch_choices() -> List[str]:
     return [*VIT_ARCHS, "xcit", "deit_tiny", "deit_small", *XCIT_ARCHS, *torchvision_arch_names()]
 
 
-def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.0):
-    """(backbone with no classifier, its feature width) for a ViT, XCiT or torchvision name."""
-    arch = arch.replace("deit", "vit")
+def canonical_arch(name: str) -> str:
+    """The architecture name with the reference's deit aliases spelled as ViTs (deit_small ->
+    vit_small); the argparse type of every --arch flag."""
+    return name.replace("deit", "vit")
+
+
+def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.0,
+                   **vit_kwargs) -> Tuple[nn.Module, int]:
+    """(backbone with no classifier, its feature width) for a ViT, XCiT or torchvision name.
+
+    vit_kwargs go to the ViT constructor (as the reference hub's kwargs do).
+    """
+    arch = canonical_arch(arch)
     if arch in VIT_ARCHS:
-        model = vits.__dict__[arch](patch_size=patch_size, drop_path_rate=drop_path_rate)
+        model = getattr(vits, arch)(patch_size=patch_size, drop_path_rate=drop_path_rate,
+                                    **vit_kwargs)
+        return model, model.embed_dim
+    if vit_kwargs:
+        raise InputError(f"{arch} takes no ViT options ({', '.join(sorted(vit_kwargs))})")
         return model, model.embed_dim
     if arch.startswith("xcit"):
         try:
@@ -245,6 +282,16 @@ def device_of(args: argparse.Namespace) -> torch.device:
     return torch.device("cuda", args.gpu) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def all_reduce_sum(values: Sequence[float]) -> List[float]:
+    """Sums of `values` over all ranks, in float64 (on the GPU under nccl, which needs it)."""
+    if not is_dist_avail_and_initialized():
+        return [float(value) for value in values]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
 # ------------------------------------------------------------------------------------------------
 # Schedules and optimisation
 # ------------------------------------------------------------------------------------------------
@@ -336,19 +383,9 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
             param.grad = None
 
 
-def has_batchnorms(model: nn.Module) -> bool:
-    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-    return any(isinstance(module, bn_types) for module in model.modules())
-
-
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)
-             ) -> List[torch.Tensor]:
-    """Top-k accuracies in percent."""
-    maxk = max(topk)
-    _, pred = output.topk(maxk, 1, True, True)
-    correct = pred.t().eq(target.reshape(1, -1).expand_as(pred.t()))
-    return [correct[:k].reshape(-1).float().sum(0) * 100.0 / target.size(0) for k in topk]
-
+# ------------------------------------------------------------------------------------------------
+# Model wrappers
+# ------------------------------------------------------------------------------------------------
 
 class MultiCropWrapper(nn.Module):
     """Runs the backbone once per run of same-resolution crops, then the head once on all."""
@@ -366,6 +403,11 @@ class MultiCropWrapper(nn.Module):
             output = self.backbone(torch.cat(list(same_size)))
             features.append(output[0] if isinstance(output, tuple) else output)
         return self.head(torch.cat(features))
+
+
+def has_batchnorms(model: nn.Module) -> bool:
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(module, bn_types) for module in model.modules())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,22 +538,19 @@ def restart_from_checkpoint(ckp_path: str, run_variables: Optional[dict] = None,
                 run_variables[name] = checkpoint[name]
 
 
-_REFERENCE_BACKBONES = {
-    ("vit_small", 16): "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
-    ("vit_small", 8): "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
-    ("vit_base", 16): "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
-    ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
-    ("resnet50", None): "dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+# Stem of each reference release: its folder is `<stem>_pretrain/`, holding the backbone
+# `<stem>_pretrain.pth` and the linear-probe weights `<stem>_linearweights.pth`.
+_REFERENCE_RELEASES = {
+    ("vit_small", 16): "dino_deitsmall16",
+    ("vit_small", 8): "dino_deitsmall8",
+    ("vit_base", 16): "dino_vitbase16",
+    ("vit_base", 8): "dino_vitbase8",
+    ("resnet50", None): "dino_resnet50",
+    **{(arch, None): f"dino_{arch}" for arch in (
+        "xcit_small_12_p16", "xcit_small_12_p8", "xcit_medium_24_p16", "xcit_medium_24_p8")},
 }
-_REFERENCE_LINEAR = {
-    ("vit_small", 16): "dino_deitsmall16_pretrain/dino_deitsmall16_linearweights.pth",
-    ("vit_small", 8): "dino_deitsmall8_pretrain/dino_deitsmall8_linearweights.pth",
-    ("vit_base", 16): "dino_vitbase16_pretrain/dino_vitbase16_linearweights.pth",
-    ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_linearweights.pth",
-    ("resnet50", None): "dino_resnet50_pretrain/dino_resnet50_linearweights.pth",
-}
-_XCIT_RELEASES = ("xcit_small_12_p16", "xcit_small_12_p8", "xcit_medium_24_p16",
-                  "xcit_medium_24_p8")
+# The figures of the paper use a separate 300-epoch ViT-S/8 run.
+_VISUALISATION_RELEASES = {("vit_small", 8): "dino_deitsmall8_300ep"}
 
 
 def reference_weights_url(arch: str, patch_size: int, kind: str = "pretrain",
@@ -519,16 +558,18 @@ def reference_weights_url(arch: str, patch_size: int, kind: str = "pretrain",
     """URL of the reference release for (arch, patch), or None when there is none.
 
     kind is "pretrain" (backbone) or "linear" (eval_linear weights); visualisation picks the
-    300-epoch ViT-S/8 backbone that the reference's figures use.
+    300-epoch ViT-S/8 backbone that the reference's figures use. XCiT releases have no linear
+    weights in the reference code.
     """
-    if kind == "pretrain" and visualisation and (arch, patch_size) == ("vit_small", 8):
-        return REFERENCE_URL_PREFIX + \
-            "dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth"
-    if kind == "pretrain" and arch in _XCIT_RELEASES:
-        return REFERENCE_URL_PREFIX + f"dino_{arch}_pretrain/dino_{arch}_pretrain.pth"
-    table = _REFERENCE_BACKBONES if kind == "pretrain" else _REFERENCE_LINEAR
-    name = table.get((arch, patch_size)) or table.get((arch, None))
-    return REFERENCE_URL_PREFIX + name if name else None
+    stem = None
+    if kind == "pretrain" and visualisation:
+        stem = _VISUALISATION_RELEASES.get((arch, patch_size))
+    stem = stem or _REFERENCE_RELEASES.get((arch, patch_size)) or \
+        _REFERENCE_RELEASES.get((arch, None))
+    if stem is None or (kind == "linear" and arch.startswith("xcit")):
+        return None
+    suffix = "pretrain" if kind == "pretrain" else "linearweights"
+    return f"{REFERENCE_URL_PREFIX}{stem}_pretrain/{stem}_{suffix}.pth"
 
 
 def download_state_dict(url: str) -> dict:
@@ -598,6 +639,28 @@ def load_backbone_state_dict(model: nn.Module, state_dict: dict, source: str) ->
                       f"random values: {msg.missing_keys[:5]}")
 
 
+def build_pretrained_backbone(arch: str, patch_size: int, pretrained_weights: str,
+                              checkpoint_key: Optional[str], visualisation: bool = False
+                              ) -> Tuple[nn.Module, int]:
+    """(backbone with weights from a file, the reference release or "random", its width)."""
+    model, embed_dim = build_backbone(arch, patch_size)
+    print(f"Model {arch} {patch_size}x{patch_size} built.")
+    load_pretrained_weights(model, pretrained_weights, checkpoint_key, canonical_arch(arch),
+                            patch_size, visualisation=visualisation)
+    return model, embed_dim
+
+
+def build_frozen_backbone(arch: str, patch_size: int, pretrained_weights: str,
+                          checkpoint_key: Optional[str], device: torch.device,
+                          visualisation: bool = False) -> Tuple[nn.Module, int]:
+    """(pretrained backbone in eval mode with frozen weights on `device`, its feature width)."""
+    model, embed_dim = build_pretrained_backbone(arch, patch_size, pretrained_weights,
+                                                 checkpoint_key, visualisation)
+    for param in model.parameters():
+        param.requires_grad = False
+    return model.to(device).eval(), embed_dim
+
+
 # ------------------------------------------------------------------------------------------------
 # Logging
 # ------------------------------------------------------------------------------------------------
@@ -618,14 +681,8 @@ class SmoothedValue:
 
     def synchronize_between_processes(self) -> None:
         """All-reduce count and total (the window stays local)."""
-        if not is_dist_avail_and_initialized():
-            return
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        totals = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
-        dist.barrier()
-        dist.all_reduce(totals)
-        self.count = int(totals[0].item())
-        self.total = totals[1].item()
+        count, self.total = all_reduce_sum([self.count, self.total])
+        self.count = int(count)
 
     @property
     def median(self) -> float:
@@ -756,17 +813,7 @@ def build_pretraining_loader(dataset: torch.utils.data.Dataset,
 
 def add_eval_backbone_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the frozen backbone and of its eval-time image sizes (eval_knn, eval_linear)."""
-    parser.add_argument("--arch", default="vit_small", type=str, choices=arch_choices(),
-                        help="Architecture of the backbone: vit_tiny/small/base, an XCiT hub "
-                             "name or a torchvision convnet.")
-    parser.add_argument("--patch_size", default=16, type=int, help="Patch resolution of the ViT.")
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Checkpoint to evaluate (a main_dino checkpoint.pth or a backbone "
-                             "state_dict); empty downloads the reference weights, 'random' keeps "
-                             "random weights.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key of the network inside a training checkpoint ("teacher" or '
-                             '"student").')
+    add_backbone_args(parser, arch_choices())
     parser.add_argument("--resize_size", default=256, type=int,
                         help="Shorter side the eval images are resized to (bicubic) before the "
                              "center crop; lower it together with --crop_size for small images.")
@@ -793,18 +840,6 @@ def eval_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
     return torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=False)
-
-
-def build_frozen_backbone(arch: str, patch_size: int, pretrained_weights: str,
-                          checkpoint_key: Optional[str], device: torch.device):
-    """(backbone in eval mode with frozen weights on `device`, its feature width)."""
-    arch = arch.replace("deit", "vit")
-    model, embed_dim = build_backbone(arch, patch_size)
-    print(f"Model {arch} {patch_size}x{patch_size} built.")
-    load_pretrained_weights(model, pretrained_weights, checkpoint_key, arch, patch_size)
-    for param in model.parameters():
-        param.requires_grad = False
-    return model.to(device).eval(), embed_dim
 
 
 def eval_transform(resize_size: int = 256, crop_size: int = 224) -> Callable:
@@ -838,3 +873,13 @@ def check_same_classes(train_set, val_set) -> None:
         only_val = sorted(set(val_set.classes) - set(train_set.classes))
         raise InputError(f"train and val class folders differ (only in train: {only_train[:5]}, "
                          f"only in val: {only_val[:5]}): give both the same class sub-folders")
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)
+             ) -> List[torch.Tensor]:
+    """Top-k accuracies in percent."""
+    maxk = max(topk)
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.t().eq(target.reshape(1, -1).expand_as(pred.t()))
+    return [correct[:k].reshape(-1).float().sum(0) * 100.0 / target.size(0) for k in topk]
+

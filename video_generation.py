@@ -24,7 +24,7 @@ FOURCC = {"mp4": "mp4v", "avi": "XVID"}
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Generation self-attention video")
-    attention_maps.add_model_args(parser)
+    utils.add_backbone_args(parser, utils.VIT_ARCHS, default_patch_size=8)
     parser.add_argument("--input_path", required=True, type=str,
                         help="A video file, a folder of .jpg/.png frames, or with --video_only a "
                              "folder of attn-*.jpg images.")
@@ -163,9 +163,9 @@ def main(args: argparse.Namespace) -> None:
             args.fps = video_fps
     else:
         frame_paths = list_images(args.input_path, "*", FRAME_EXTENSIONS)
-    model = attention_maps.build_attention_model(args.arch, args.patch_size,
-                                                 args.pretrained_weights, args.checkpoint_key,
-                                                 attention_maps.inference_device())
+    model, _ = utils.build_frozen_backbone(args.arch, args.patch_size, args.pretrained_weights,
+                                           args.checkpoint_key, attention_maps.inference_device(),
+                                           visualisation=True)
     attention_paths = write_attention_images(model, frame_paths,
                                              os.path.join(args.output_path, "attention"), args)
     write_video(attention_paths, video_path, args.fps, args.video_format)

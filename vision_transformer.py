@@ -44,6 +44,8 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention; fused (SDPA) unless the probabilities are asked for."""
+
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
                  qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -76,6 +78,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), with drop-path."""
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, norm_layer=nn.LayerNorm):
@@ -96,6 +100,8 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Image (B, 3, H, W) -> patch tokens (B, H/p * W/p, D) with one strided convolution."""
+
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768):
         super().__init__()
@@ -134,28 +140,10 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_linear_and_norm)
 
-    def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
-        """Position embeddings for a (w=height, h=width) image, bicubic as the reference."""
-        npatch = x.shape[1] - 1
-        stored = self.pos_embed.shape[1] - 1
-        if npatch == stored and w == h:
-            return self.pos_embed
-        class_pos_embed = self.pos_embed[:, 0]
-        patch_pos_embed = self.pos_embed[:, 1:]
-        dim = x.shape[-1]
-        side = int(math.sqrt(stored))
-        patch = self.patch_embed.patch_size
-        # The +0.1 guards against scale_factor rounding the output grid one short (reference #8).
-        w0 = w // patch + 0.1
-        h0 = h // patch + 0.1
-        grid = patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=(w0 / math.sqrt(stored), h0 / math.sqrt(stored)),
-                             mode="bicubic")
-        if grid.shape[-2:] != (int(w0), int(h0)):
-            raise RuntimeError(f"position-embedding grid {tuple(grid.shape[-2:])} does not match "
-                               f"the patch grid {(int(w0), int(h0))}")
-        patch_pos_embed = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+    def interpolate_pos_encoding(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for a height x width image (`x` is unused: the reference's
+        signature)."""
+        return interpolate_pos_embed(self.pos_embed, height, width, self.patch_embed.patch_size)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
@@ -186,6 +174,30 @@ class VisionTransformer(nn.Module):
             if len(self.blocks) - i <= n:
                 outputs.append(self.norm(x))
         return outputs
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, height: int, width: int,
+                          patch_size: int) -> torch.Tensor:
+    """Stored (1, 1 + N, D) position embeddings resampled (bicubic, as the reference) to the
+    patch grid of a height x width image."""
+    stored = pos_embed.shape[1] - 1
+    npatch = (height // patch_size) * (width // patch_size)
+    if npatch == stored and height == width:
+        return pos_embed
+    class_pos_embed = pos_embed[:, 0]
+    dim = pos_embed.shape[-1]
+    side = int(math.sqrt(stored))
+    # The +0.1 guards against scale_factor rounding the output grid one short (reference #8).
+    rows = height // patch_size + 0.1
+    cols = width // patch_size + 0.1
+    grid = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(rows / math.sqrt(stored), cols / math.sqrt(stored)),
+                         mode="bicubic")
+    if grid.shape[-2:] != (int(rows), int(cols)):
+        raise RuntimeError(f"position-embedding grid {tuple(grid.shape[-2:])} does not match "
+                           f"the patch grid {(int(rows), int(cols))}")
+    patch_pos_embed = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
 
 
 def _init_linear_and_norm(module: nn.Module) -> None:

@@ -27,7 +27,7 @@ DPI = 100
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Visualize Self-Attention maps")
-    attention_maps.add_model_args(parser)
+    utils.add_backbone_args(parser, utils.VIT_ARCHS, default_patch_size=8)
     parser.add_argument("--image_path", default=None, type=str,
                         help="Path of the image to load. Default: a photo bundled with "
                              "scikit-image (no download).")
@@ -111,9 +111,8 @@ def main(args: argparse.Namespace) -> None:
     image = attention_maps.open_rgb(args.image_path) if args.image_path else default_photo()
     img = attention_maps.image_to_tensor(image, args.patch_size, args.image_size)
     device = attention_maps.inference_device()
-    model = attention_maps.build_attention_model(args.arch, args.patch_size,
-                                                 args.pretrained_weights, args.checkpoint_key,
-                                                 device)
+    model, _ = utils.build_frozen_backbone(args.arch, args.patch_size, args.pretrained_weights,
+                                           args.checkpoint_key, device, visualisation=True)
     patch_maps = attention_maps.cls_attention(model, img[None].to(device), args.patch_size)[0]
     patch_maps = patch_maps.float().cpu()
     pixel_maps = attention_maps.upsample_patches(patch_maps[None], args.patch_size)[0].numpy()

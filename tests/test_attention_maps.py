@@ -8,8 +8,8 @@ import attention_maps
 import utils
 from visualize_attention import threshold_masks
 
-MEAN = np.array(attention_maps.IMAGENET_MEAN)
-STD = np.array(attention_maps.IMAGENET_STD)
+MEAN = np.array(utils.IMAGENET_MEAN)
+STD = np.array(utils.IMAGENET_STD)
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,9 @@ def photo():
 @pytest.fixture(scope="module")
 def tiny_vit():
     torch.manual_seed(0)
-    return attention_maps.build_attention_model("vit_tiny", 8, "random", "teacher",
-                                                torch.device("cpu"))
+    model, _ = utils.build_frozen_backbone("vit_tiny", 8, "random", "teacher",
+                                           torch.device("cpu"), visualisation=True)
+    return model
 
 
 def test_image_to_tensor_normalises_and_crops_top_left(photo):
@@ -63,7 +64,8 @@ def test_model_is_frozen_and_needs_weights_or_an_explicit_random(tiny_vit):
     assert not tiny_vit.training
     assert not any(param.requires_grad for param in tiny_vit.parameters())
     with pytest.raises(utils.InputError, match="random"):  # vit_tiny has no reference release
-        attention_maps.build_attention_model("vit_tiny", 8, "", "teacher", torch.device("cpu"))
+        utils.build_frozen_backbone("vit_tiny", 8, "", "teacher", torch.device("cpu"),
+                                    visualisation=True)
 
 
 def reference_last_attention(model, images):

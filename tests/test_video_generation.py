@@ -106,8 +106,8 @@ def test_frames_are_batched_in_order_by_size_and_batch_size(tmp_path):
 def test_attention_images_are_the_inferno_mean_over_heads(tmp_path):
     paths = write_png_frames(tmp_path / "frames", [(64, 48)] * 3)
     torch.manual_seed(0)
-    model = attention_maps.build_attention_model("vit_tiny", 16, "random", None,
-                                                 torch.device("cpu"))
+    model, _ = utils.build_frozen_backbone("vit_tiny", 16, "random", None, torch.device("cpu"),
+                                           visualisation=True)
     args = parse("--input_path", ".", "--patch_size", "16", "--batch_size", "2")
     written = video_generation.write_attention_images(model, paths, str(tmp_path / "attn"), args)
     assert [os.path.basename(path) for path in written] == ["attn-000.jpg", "attn-001.jpg",

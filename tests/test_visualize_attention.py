@@ -75,8 +75,8 @@ def test_main_dino_checkpoint_loads_with_the_teacher_key_and_masks_match(tmp_pat
     assert "Take key teacher in provided checkpoint dict" in stdout
     assert "missing_keys=[]" in stdout
 
-    model = attention_maps.build_attention_model("vit_tiny", 8, dino_checkpoint, "teacher",
-                                                 torch.device("cpu"))
+    model, _ = utils.build_frozen_backbone("vit_tiny", 8, dino_checkpoint, "teacher",
+                                           torch.device("cpu"), visualisation=True)
     teacher = utils.load_checkpoint_file(dino_checkpoint)["teacher"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, teacher["backbone." + key]), key
