@@ -74,8 +74,14 @@ def build_augmenter(args: argparse.Namespace, device: torch.device) -> "MultiCro
     """The augmenter for main_dino's crop flags, with a random stream of its own per rank."""
     augmenter = MultiCropAugmenter(args.global_crops_scale, args.local_crops_scale,
                                    args.local_crops_number, args.global_crops_size,
-                                   args.local_crops_size, seed=args.seed + utils.get_rank())
+                                   args.local_crops_size, seed=args.seed, rank=utils.get_rank())
     return augmenter.to(device)
+
+
+def stream_seed(seed: int, rank: int, epoch: int) -> int:
+    """A well-mixed seed for the random stream of (seed, rank, epoch): no two triples share one
+    the way seed + rank would."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,14 +368,15 @@ def checked_scale(scale: Sequence[float], flag: str) -> Tuple[float, float]:
 class MultiCropAugmenter(nn.Module):
     """Canvas batch -> DataAugmentationDINO's crops [global1, global2, local_1..n], normalised.
 
-    Random parameters are drawn on the CPU (from a generator of its own when seeded), so the
-    rows each op touches are known without waiting for the device; pixels stay on the
+    Random parameters are drawn on the CPU (from a generator of its own when seeded, restarted
+    by `set_epoch` so that every epoch, and a resumed one, has its own reproducible stream), so
+    the rows each op touches are known without waiting for the device; pixels stay on the
     module's device.
     """
 
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
                  local_crops_number: int, global_crops_size: int = 224,
-                 local_crops_size: int = 96, seed: Optional[int] = None):
+                 local_crops_size: int = 96, seed: Optional[int] = None, rank: int = 0):
         super().__init__()
         global_scale = checked_scale(global_crops_scale, "--global_crops_scale")
         local_scale = checked_scale(local_crops_scale, "--local_crops_scale")
@@ -380,11 +387,18 @@ class MultiCropAugmenter(nn.Module):
         # Crops of one size are resampled and processed as one batch.
         self.groups = [[global1, global2]] + ([[local]] if local_crops_number > 0 else [])
         self.blur_radius = math.ceil(3 * BLUR_SIGMA_RANGE[1])
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.seed, self.rank = seed, rank
+        self.generator = torch.Generator() if seed is not None else None
+        self.set_epoch(0)
         mean, std = (torch.tensor(values).view(1, 3, 1, 1)
                      for values in (utils.IMAGENET_MEAN, utils.IMAGENET_STD))
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the seeded stream at the start of `epoch` (unseeded: the global RNG goes on)."""
+        if self.generator is not None:
+            self.generator.manual_seed(stream_seed(self.seed, self.rank, epoch))
 
     def sample_params(self, sizes: torch.Tensor,
                       generator: Optional[torch.Generator] = None) -> List[CropParams]:

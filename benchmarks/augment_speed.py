@@ -4,13 +4,11 @@ Times, on one photo: JPEG decode, main_dino.DataAugmentationDINO and gpu_augment
 transform (each in this process, one thread, as in a DataLoader worker), then
 gpu_augment.MultiCropAugmenter on whole batches on --device. Prints a table and writes JSON.
 
-  python benchmarks/augment_speed.py --device cuda --output augment_speed.json
+  python -m benchmarks.augment_speed --device cuda --output augment_speed.json
 """
 import argparse
 import io
 import json
-import os
-import sys
 import time
 from typing import Callable, Dict
 
@@ -18,10 +16,9 @@ import torch
 from PIL import Image
 from skimage import data
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gpu_augment  # noqa: E402
-import main_dino  # noqa: E402
-import utils  # noqa: E402
+import gpu_augment
+import main_dino
+import utils
 
 PHOTOS = {"chelsea": data.chelsea, "astronaut": data.astronaut, "coffee": data.coffee}
 

@@ -18,10 +18,10 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+import eval_knn
+import sample_data
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import eval_knn  # noqa: E402
-import sample_data  # noqa: E402
 
 # main_dino.py flags for 28x28 grey images and a CPU budget of about 25 minutes (see the README).
 RECIPE = [

@@ -5,7 +5,7 @@ each student log-softmax computed once per pair, a host sync per parameter when 
 Python loop for the EMA, a loss read-back and device sync every iteration), with the same
 arithmetic, so a benchmark can measure our fast paths against them side by side.
 """
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,18 @@ def clip_gradients_per_parameter(model: nn.Module, clip: float) -> List[float]:
     return norms
 
 
+def unscale_and_clip_per_parameter(model: nn.Module, optimizer: torch.optim.Optimizer,
+                                   fp16_scaler: Optional[torch.amp.GradScaler],
+                                   clip: float) -> None:
+    """The reference's clipping step: unscale (with fp16), then clip with a sync per parameter."""
+    if fp16_scaler is not None:
+        fp16_scaler.unscale_(optimizer)
+    clip_gradients_per_parameter(model, clip)
+
+
 @torch.no_grad()
-def update_teacher_per_parameter(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
-    for student_param, teacher_param in zip(student.parameters(), teacher.parameters()):
-        teacher_param.data.mul_(momentum).add_((1 - momentum) * student_param.detach().data)
+def update_teacher_per_parameter(student_params: List[torch.Tensor],
+                                 teacher_params: List[torch.Tensor], momentum: float) -> None:
+    """The EMA as a Python loop over the parameters, two kernels each."""
+    for student_param, teacher_param in zip(student_params, teacher_params):
+        teacher_param.mul_(momentum).add_((1 - momentum) * student_param.detach())

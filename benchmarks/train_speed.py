@@ -6,30 +6,23 @@ teacher forward, student forward + loss, backward, optimizer and EMA. The "refer
 reproduces how the original implementation spends its time (see reference_like.py), so every
 gain is a ratio measured in the same run. Prints a table and writes JSON.
 
-Example (one GPU): python benchmarks/train_speed.py --arch vit_small --batch_size 64 \
+Example (one GPU): python -m benchmarks.train_speed --arch vit_small --batch_size 64 \
     --configs reference fp16 bf16 bf16-compile --json speed.json
 """
 import argparse
 import json
-import os
 import resource
-import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import gpu_augment  # noqa: E402
-import main_dino  # noqa: E402
-import reference_like  # noqa: E402
-import utils  # noqa: E402
+import gpu_augment
+import main_dino
+import utils
+from benchmarks import reference_like
 
 # name: (reference-like step, precision, torch.compile)
 CONFIGS = {
@@ -40,6 +33,8 @@ CONFIGS = {
     "fp16-compile": (False, "fp16", True),
     "bf16-compile": (False, "bf16", True),
 }
+# A function returning the next batch of crops on the device.
+CropSource = Callable[[], List[torch.Tensor]]
 PHASES = ("data", "teacher_forward", "student_forward_loss", "backward", "optimizer", "ema")
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU when --peak_tflops is not given.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0, "L40": 362.0}
@@ -74,28 +69,9 @@ def get_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-@dataclass
-class Run:
-    """Everything one configuration's training step needs, built by main_dino's own code."""
-    name: str
-    reference: bool
-    args: argparse.Namespace
-    student: torch.nn.Module
-    teacher: torch.nn.Module
-    teacher_without_ddp: torch.nn.Module
-    dino_loss: main_dino.DINOLoss
-    optimizer: torch.optim.Optimizer
-    fp16_scaler: Optional[torch.amp.GradScaler]
-    autocast: object
-    schedules: dict
-    student_params: List[torch.Tensor]
-    teacher_params: List[torch.Tensor]
-    logger: utils.MetricLogger = field(default_factory=utils.MetricLogger)
-    pending: list = field(default_factory=list)
-
-
-def main_dino_args(bench: argparse.Namespace, precision: str, compile_models: bool,
-                   total_iters: int) -> argparse.Namespace:
+def main_dino_args(bench: argparse.Namespace, precision: str,
+                   compile_models: bool) -> argparse.Namespace:
+    """main_dino's defaults with the benchmark's model, crops and precision."""
     args = main_dino.get_args_parser().parse_args([])
     for name in ("arch", "patch_size", "out_dim", "local_crops_number", "global_crops_size",
                  "local_crops_size", "num_workers", "data_path", "gpu_augment", "canvas_size"):
@@ -108,26 +84,18 @@ def main_dino_args(bench: argparse.Namespace, precision: str, compile_models: bo
     return args
 
 
-def build_run(name: str, bench: argparse.Namespace, device: torch.device, total_iters: int) -> Run:
+def build_config(name: str, bench: argparse.Namespace, device: torch.device,
+                 total_iters: int) -> Tuple[main_dino.DinoTraining, argparse.Namespace]:
+    """main_dino's own training bundle; the reference config swaps in the reference's parts."""
     reference, precision, compile_models = CONFIGS[name]
-    args = main_dino_args(bench, precision, compile_models, total_iters)
-    student, teacher, teacher_without_ddp = main_dino.build_student_teacher(args, device)
-    if reference:
-        reference_like.use_explicit_attention(student)
-        reference_like.use_explicit_attention(teacher)
-        optimizer = torch.optim.AdamW(utils.get_params_groups(student))
-    else:
-        optimizer = main_dino.build_optimizer(args, student, device)
-    dino_loss = main_dino.DINOLoss(args.out_dim, args.local_crops_number + 2,
-                                   args.warmup_teacher_temp, args.teacher_temp, 0, 1).to(device)
-    dtype = main_dino.autocast_dtype(args, device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    args = main_dino_args(bench, precision, compile_models)
     # One "epoch" covers every iteration, so the schedules never run out.
-    schedules = main_dino.build_schedules(args, total_iters)
-    return Run(name, reference, args, student, teacher, teacher_without_ddp, dino_loss, optimizer,
-               scaler, autocast, schedules, list(student.module.parameters()),
-               list(teacher_without_ddp.parameters()))
+    training = main_dino.build_training(args, device, total_iters)
+    if reference:
+        reference_like.use_explicit_attention(training.student)
+        reference_like.use_explicit_attention(training.teacher)
+        training.optimizer = torch.optim.AdamW(utils.get_params_groups(training.student))
+    return training, args
 
 
 class PhaseTimer:
@@ -153,62 +121,52 @@ class PhaseTimer:
         self.seconds[phase] += time.perf_counter() - start
 
 
-def training_step(run: Run, crops: List[torch.Tensor], it: int, timer: PhaseTimer) -> None:
-    """One iteration with main_dino's pieces (or their reference-like variants), phase by phase."""
-    main_dino.set_schedules(run.optimizer, run.schedules, it)
-    with timer("teacher_forward"), run.autocast:
-        teacher_output = run.teacher(crops[:2])
-    with timer("student_forward_loss"), run.autocast:
-        student_output = run.student(crops)
-        if run.reference:
-            loss = reference_like.dino_loss_pairwise(run.dino_loss, student_output,
+def training_step(training: main_dino.DinoTraining, reference: bool, crops: List[torch.Tensor],
+                  it: int, timer: PhaseTimer) -> torch.Tensor:
+    """main_dino's step, phase by phase; the reference config substitutes the pairwise loss,
+    per-parameter clipping with host syncs, a Python-loop EMA and a sync every iteration.
+    Returns [loss, ...] on the device."""
+    main_dino.set_schedules(training.optimizer, training.schedules, it)
+    with timer("teacher_forward"), training.autocast:
+        teacher_output = training.teacher(crops[:2])
+    with timer("student_forward_loss"), training.autocast:
+        student_output = training.student(crops)
+        if reference:
+            loss = reference_like.dino_loss_pairwise(training.dino_loss, student_output,
                                                      teacher_output, 0)
+            values = loss.detach().reshape(1)
         else:
-            loss, diagnostics = run.dino_loss(student_output, teacher_output, 0,
-                                              return_diagnostics=True)
+            loss, diagnostics = training.dino_loss(student_output, teacher_output, 0,
+                                                   return_diagnostics=True)
+            values = torch.cat((loss.detach().reshape(1), diagnostics))
     with timer("backward"):
-        main_dino.backward(loss, run.optimizer, run.fp16_scaler)
-    momentum = float(run.schedules["momentum"][it])
-    if run.reference:
-        with timer("optimizer"):
-            reference_step(run, loss)
-        with timer("ema"):
-            reference_like.update_teacher_per_parameter(run.student.module, run.teacher_without_ddp,
-                                                        momentum)
-        if loss.device.type == "cuda":
-            torch.cuda.synchronize()
-        run.logger.update(loss=loss.item())
-        return
+        main_dino.backward(loss, training.optimizer, training.fp16_scaler)
     with timer("optimizer"):
-        main_dino.clip_and_step(run.student, run.optimizer, run.fp16_scaler, 0, run.args)
+        clip_grad = training.clip_grad
+        if reference:
+            reference_like.unscale_and_clip_per_parameter(training.student, training.optimizer,
+                                                          training.fp16_scaler, clip_grad)
+            clip_grad = 0.0
+        main_dino.clip_and_step(training.student, training.optimizer, training.fp16_scaler, 0,
+                                clip_grad, training.freeze_last_layer)
+    ema = reference_like.update_teacher_per_parameter if reference else main_dino.update_teacher
     with timer("ema"):
-        main_dino.update_teacher(run.student_params, run.teacher_params, momentum)
-    run.pending.append((it, 0.0, 0.0, torch.cat((loss.detach().reshape(1), diagnostics))))
-    if it % main_dino.PRINT_FREQ == 0:
-        main_dino.record_pending(run.logger, run.pending, 0)
-
-
-def reference_step(run: Run, loss: torch.Tensor) -> None:
-    if run.fp16_scaler is not None:
-        run.fp16_scaler.unscale_(run.optimizer)
-    reference_like.clip_gradients_per_parameter(run.student, run.args.clip_grad)
-    utils.cancel_gradients_last_layer(0, run.student, run.args.freeze_last_layer)
-    if run.fp16_scaler is None:
-        run.optimizer.step()
-    else:
-        run.fp16_scaler.step(run.optimizer)
-        run.fp16_scaler.update()
+        ema(training.student_params, training.teacher_params,
+            float(training.schedules["momentum"][it]))
+    if reference:
+        values.item()  # the reference reads the loss back every iteration
+    return values
 
 
 def crop_source(bench: argparse.Namespace, args: argparse.Namespace,
-                device: torch.device) -> Callable[[], List[torch.Tensor]]:
+                device: torch.device) -> CropSource:
     """A function returning the next batch of crops on the device (synthetic or real data)."""
     if not bench.data_path:
         sizes = [bench.global_crops_size] * 2 + [bench.local_crops_size] * bench.local_crops_number
         crops = [torch.randn(bench.batch_size, 3, s, s, device=device) for s in sizes]
         return lambda: crops
     loader = main_dino.build_data_loader(args)
-    prepare_crops = main_dino.build_crop_preparer(args, device)
+    prepare_crops = main_dino.CropPreparer(args, device)
 
     def batches():
         while True:
@@ -219,30 +177,30 @@ def crop_source(bench: argparse.Namespace, args: argparse.Namespace,
     return lambda: prepare_crops(next(stream))
 
 
-def run_iterations(run: Run, next_crops, first_it: int, count: int, timer: PhaseTimer) -> float:
+def run_iterations(training: main_dino.DinoTraining, reference: bool, next_crops: CropSource,
+                   first_it: int, count: int, timer: PhaseTimer) -> Tuple[float, float]:
+    """(seconds for `count` iterations, the last loss)."""
     start = time.perf_counter()
     for it in range(first_it, first_it + count):
         with timer("data"):
             crops = next_crops()
-        training_step(run, crops, it, timer)
-    if run.pending:
-        main_dino.record_pending(run.logger, run.pending, 0)
-    if timer.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+        values = training_step(training, reference, crops, it, timer)
+        if it % main_dino.PRINT_FREQ == 0:
+            values.tolist()  # main_dino reads its queued stats back at every progress line
+    last_loss = values[0].item()
+    return time.perf_counter() - start, last_loss
 
 
 def count_flops_per_image(bench: argparse.Namespace, device: torch.device) -> float:
     """Model FLOPs of one training step (teacher forward, student forward and backward)."""
     counting = argparse.Namespace(**vars(bench))
     counting.batch_size = 2
-    run = build_run("reference", counting, device, total_iters=1)
-    run.autocast = nullcontext()
+    training, _ = build_config("reference", counting, device, total_iters=1)
     sizes = [bench.global_crops_size] * 2 + [bench.local_crops_size] * bench.local_crops_number
     crops = [torch.randn(2, 3, s, s, device=device) for s in sizes]
     with FlopCounterMode(display=False) as counter:
-        teacher_output = run.teacher(crops[:2])
-        loss = run.dino_loss(run.student(crops), teacher_output, 0)
+        loss, _ = main_dino.forward_loss(training.student, training.teacher, training.dino_loss,
+                                         crops, 0, nullcontext())
         loss.backward()
     return counter.get_total_flops() / 2
 
@@ -280,15 +238,18 @@ def benchmark_config(name: str, bench: argparse.Namespace, device: torch.device,
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    run = build_run(name, bench, device, total)
-    next_crops = crop_source(bench, run.args, device)
-    run_iterations(run, next_crops, 0, bench.warmup_iters, PhaseTimer(device, False))
-    seconds = run_iterations(run, next_crops, bench.warmup_iters, bench.iters,
-                             PhaseTimer(device, False))
+    training, args = build_config(name, bench, device, total)
+    reference = CONFIGS[name][0]
+    next_crops = crop_source(bench, args, device)
+    run_iterations(training, reference, next_crops, 0, bench.warmup_iters,
+                   PhaseTimer(device, False))
+    seconds, last_loss = run_iterations(training, reference, next_crops, bench.warmup_iters,
+                                        bench.iters, PhaseTimer(device, False))
     images_per_s = bench.batch_size * bench.iters / seconds
     split = PhaseTimer(device, True)
     if bench.split_iters:
-        run_iterations(run, next_crops, bench.warmup_iters + bench.iters, bench.split_iters, split)
+        run_iterations(training, reference, next_crops, bench.warmup_iters + bench.iters,
+                       bench.split_iters, split)
     result = {
         "config": name,
         "images_per_s": images_per_s,
@@ -297,9 +258,9 @@ def benchmark_config(name: str, bench: argparse.Namespace, device: torch.device,
         "peak_memory_mb": peak_memory_mb(device),
         "phase_seconds_per_iter": {phase: seconds / max(bench.split_iters, 1)
                                    for phase, seconds in split.seconds.items()},
-        "final_loss": run.logger.loss.value,
+        "final_loss": last_loss,
     }
-    del run
+    del training
     torch._dynamo.reset()
     return result
 

@@ -3,9 +3,9 @@ import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +55,11 @@ def run_repo_script(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def run_script():
     return run_repo_script
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    """A one-process gloo group (what DDP and the all-reduces need), destroyed afterwards."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

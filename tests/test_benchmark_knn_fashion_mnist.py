@@ -65,7 +65,8 @@ def test_class_folders_hold_every_image_under_its_label(tmp_path):
 def test_tiny_benchmark_runs_end_to_end(digits_as_fashion_mnist, run_script, tmp_path):
     folder, images, labels = digits_as_fashion_mnist
     result = run_script(
-        "benchmarks/knn_fashion_mnist.py", "--fashion_dir", folder, "--output_dir", str(tmp_path),
+        "-m", "benchmarks.knn_fashion_mnist", "--fashion_dir", folder,
+        "--output_dir", str(tmp_path),
         "--train_size", "120", "--val_size", "40", "--patch_size", "14", "--nb_knn", "5",
         "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu", "40",
         "--local_crops_number", "2", "--out_dim", "64", "--use_bf16", "false")

@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from skimage import data
@@ -151,13 +150,31 @@ def test_seeded_augmenters_repeat_and_no_locals_gives_two_crops(chelsea):
     assert [c.shape for c in no_locals(canvases, sizes)] == [(3, 3, 32, 32)] * 2
 
 
+def test_each_epoch_draws_its_own_stream_and_a_resumed_epoch_repeats_it():
+    sizes = torch.tensor([[120, 80], [64, 64], [50, 90]])
+
+    def two_batches(augmenter, epoch):
+        augmenter.set_epoch(epoch)
+        return [augmenter.sample_params(sizes, augmenter.generator)[0].boxes for _ in range(2)]
+
+    run = ga.MultiCropAugmenter(GLOBAL_SCALE, LOCAL_SCALE, 2, 32, 16, seed=0, rank=1)
+    epoch0, epoch1 = two_batches(run, 0), two_batches(run, 1)
+    assert not torch.equal(epoch0[0], epoch0[1])  # batches of one epoch differ
+    assert not torch.equal(epoch0[0], epoch1[0])  # batch k of two epochs differs
+    resumed = ga.MultiCropAugmenter(GLOBAL_SCALE, LOCAL_SCALE, 2, 32, 16, seed=0, rank=1)
+    resumed.sample_params(sizes, resumed.generator)  # a different history before the resume
+    assert all(torch.equal(a, b) for a, b in zip(two_batches(resumed, 1), epoch1))
+    other_rank = ga.MultiCropAugmenter(GLOBAL_SCALE, LOCAL_SCALE, 2, 32, 16, seed=1, rank=0)
+    assert not torch.equal(two_batches(other_rank, 0)[0], epoch0[0])  # not seed + rank
+
+
 @pytest.mark.parametrize("scale", [(0.5,), (0.4, 1.0, 2.0), (0.8, 0.4), (0.0, 1.0)])
 def test_bad_scale_is_an_input_error(scale):
     with pytest.raises(utils.InputError, match="--local_crops_scale"):
         ga.MultiCropAugmenter(GLOBAL_SCALE, scale, 2)
 
 
-def test_flags_loader_and_augmenter_work_together(tmp_path):
+def test_flags_loader_and_augmenter_work_together(tmp_path, single_process_group):
     parser = argparse.ArgumentParser()
     ga.add_gpu_augment_args(parser)
     assert vars(parser.parse_args([])) == {"gpu_augment": False, "canvas_size": 256}
@@ -169,26 +186,18 @@ def test_flags_loader_and_augmenter_work_together(tmp_path):
         data_path=str(tmp_path), batch_size_per_gpu=2, num_workers=0, seed=3,
         global_crops_scale=GLOBAL_SCALE, local_crops_scale=LOCAL_SCALE, local_crops_number=3,
         global_crops_size=32, local_crops_size=16, **vars(flags))
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
-                                world_size=1)
-    try:
-        loader = ga.build_canvas_loader(args)
-        assert len(loader) == 2  # 5 images, batches of 2, the last partial one dropped
-        (canvases, sizes), skipped = next(iter(loader))
-        assert canvases.shape == (2, 3, 40, 40) and canvases.dtype == torch.uint8
-        for canvas, size in zip(canvases, sizes.tolist()):  # each canvas with its own size
-            assert canvas.unique().tolist() == [40 * image_sizes.index(tuple(size))]
-        assert skipped.tolist() == [0, 0]
-        crops = ga.build_augmenter(args, torch.device("cpu"))(canvases, sizes)
-        assert [tuple(c.shape) for c in crops] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 3
-        args.batch_size_per_gpu = 6
-        with pytest.raises(utils.InputError, match="lower --batch_size_per_gpu"):
-            ga.build_canvas_loader(args)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
+    loader = ga.build_canvas_loader(args)
+    assert len(loader) == 2  # 5 images, batches of 2, the last partial one dropped
+    (canvases, sizes), skipped = next(iter(loader))
+    assert canvases.shape == (2, 3, 40, 40) and canvases.dtype == torch.uint8
+    for canvas, size in zip(canvases, sizes.tolist()):  # each canvas with its own size
+        assert canvas.unique().tolist() == [40 * image_sizes.index(tuple(size))]
+    assert skipped.tolist() == [0, 0]
+    crops = ga.build_augmenter(args, torch.device("cpu"))(canvases, sizes)
+    assert [tuple(c.shape) for c in crops] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 3
+    args.batch_size_per_gpu = 6
+    with pytest.raises(utils.InputError, match="lower --batch_size_per_gpu"):
+        ga.build_canvas_loader(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -491,7 +500,7 @@ def test_speed_benchmark_script_writes_its_table_and_json(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     output = tmp_path / "speed.json"
     result = subprocess.run(
-        [sys.executable, "benchmarks/augment_speed.py", "--device", "cpu", "--batch_size", "2",
+        [sys.executable, "-m", "benchmarks.augment_speed", "--device", "cpu", "--batch_size", "2",
          "--canvas_size", "64", "--global_crops_size", "32", "--local_crops_size", "16",
          "--local_crops_number", "2", "--pil_images", "2", "--batches", "1",
          "--output", str(output)],

@@ -14,7 +14,8 @@ from PIL import Image
 import main_dino
 import utils
 import vision_transformer as vits
-from tests.conftest import REPO
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_RUN = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32",
             "--local_crops_size", "16", "--local_crops_number", "2", "--out_dim", "256",
@@ -90,6 +91,95 @@ def test_warn_on_collapse(capsys):
     assert capsys.readouterr().out == ""
 
 
+# ------------------------------------------------------------------------------------------------
+# The method's rules
+# ------------------------------------------------------------------------------------------------
+
+def tiny_args(*flags):
+    args = main_dino.get_args_parser().parse_args([*TINY_RUN, "--epochs", "4", *flags])
+    args.gpu, args.compile = 0, False
+    return args
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_peak_lr_is_scaled_by_the_total_batch_over_256(monkeypatch, world_size):
+    monkeypatch.setattr(utils, "get_world_size", lambda: world_size)
+    args = tiny_args("--lr", "0.0008", "--batch_size_per_gpu", "32", "--warmup_epochs", "1",
+                     "--min_lr", "1e-6")
+    schedules = main_dino.build_schedules(args, niter_per_ep=5)
+    peak = 0.0008 * 32 * world_size / 256
+    assert schedules["lr"].max() == pytest.approx(peak)
+    assert schedules["lr"][4] == pytest.approx(peak)  # the end of the warm-up
+    assert schedules["lr"][0] == 0 and schedules["lr"][-1] > 1e-6
+    assert len(schedules["lr"]) == len(schedules["wd"]) == len(schedules["momentum"]) == 20
+    assert schedules["momentum"][0] == pytest.approx(0.996)
+    assert schedules["wd"][0] == pytest.approx(0.04)
+
+
+def test_weight_decay_reaches_group_0_only_and_it_holds_the_tokens():
+    model = utils.MultiCropWrapper(vits.vit_tiny(patch_size=8), vits.DINOHead(192, 16))
+    groups = utils.get_params_groups(model)
+    optimizer = torch.optim.AdamW(groups)
+    lr, wd = main_dino.set_schedules(optimizer, {"lr": np.array([0.1, 0.2]),
+                                                 "wd": np.array([0.3, 0.4])}, it=1)
+    assert (lr, wd) == (0.2, 0.4)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.2, 0.2]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.4, 0.0]
+    decayed = {id(p) for p in groups[0]["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decayed}
+    assert {"backbone.cls_token", "backbone.pos_embed", "head.mlp.0.weight"} <= names
+    assert not any(name.endswith(".bias") or "norm" in name for name in names)
+    assert "head.last_layer.weight_g" not in names  # frozen by norm_last_layer
+
+
+def test_teacher_starts_as_the_students_copy_without_gradients_or_drop_path(
+        single_process_group):
+    args = tiny_args("--drop_path_rate", "0.2")
+    student, teacher, teacher_without_ddp = main_dino.build_student_teacher(
+        args, torch.device("cpu"))
+    assert teacher is teacher_without_ddp  # no batch norm: the teacher is not DDP-wrapped
+    student_state = student.module.state_dict()
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, student_state[name]), name
+    assert not any(param.requires_grad for param in teacher.parameters())
+    assert all(isinstance(block.drop_path, torch.nn.Identity)
+               for block in teacher.backbone.blocks)
+    assert isinstance(student.module.backbone.blocks[-1].drop_path, vits.DropPath)
+    assert student.module.backbone.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+
+
+def test_teacher_sees_only_the_two_global_crops():
+    seen = {}
+
+    def recorder(name, dim=8):
+        def forward(crops):
+            seen[name] = [tuple(crop.shape) for crop in crops]
+            return torch.randn(sum(len(crop) for crop in crops), dim, requires_grad=True)
+        return forward
+
+    crops = [torch.zeros(2, 3, 32, 32)] * 2 + [torch.zeros(2, 3, 16, 16)] * 3
+    loss_fn = main_dino.DINOLoss(8, 5, 0.04, 0.04, 0, 1)
+    main_dino.forward_loss(recorder("student"), recorder("teacher"), loss_fn, crops, 0,
+                           torch.autocast("cpu", enabled=False))
+    assert seen["teacher"] == [(2, 3, 32, 32)] * 2
+    assert seen["student"] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 3
+
+
+def test_gpu_augment_crops_follow_the_epoch_not_the_call_count():
+    args = tiny_args("--gpu_augment", "true")
+    canvases = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    batch = (canvases, torch.tensor([[64, 48], [48, 64]]))
+    run = main_dino.CropPreparer(args, torch.device("cpu"))
+    run.set_epoch(0)
+    epoch0 = run(batch)
+    run.set_epoch(1)
+    epoch1 = run(batch)
+    assert not torch.equal(epoch0[0], epoch1[0])
+    resumed = main_dino.CropPreparer(args, torch.device("cpu"))
+    resumed.set_epoch(1)
+    assert all(torch.equal(a, b) for a, b in zip(resumed(batch), epoch1))
+
+
 def test_update_teacher_is_the_ema_formula():
     torch.manual_seed(0)
     student = [torch.randn(3, 4), torch.randn(5)]
@@ -102,8 +192,8 @@ def test_update_teacher_is_the_ema_formula():
 
 def test_non_finite_loss_names_epoch_and_iteration():
     logger = utils.MetricLogger()
-    pending = [(0, 0.1, 0.04, torch.tensor([1.0, 2.0, 3.0])),
-               (1, 0.1, 0.04, torch.tensor([float("nan"), 2.0, 3.0]))]
+    pending = [main_dino.PendingStats(0, 0.1, 0.04, torch.tensor([1.0, 2.0, 3.0])),
+               main_dino.PendingStats(1, 0.1, 0.04, torch.tensor([float("nan"), 2.0, 3.0]))]
     with pytest.raises(main_dino.NonFiniteLossError, match="Loss is nan at epoch 4, iteration 1"):
         main_dino.record_pending(logger, pending, epoch=4)
 
