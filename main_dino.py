@@ -224,10 +224,11 @@ def train_dino(args: argparse.Namespace) -> None:
 
 def epoch_log_record(stats: Dict[str, float], epoch: int) -> dict:
     """The reference keys first (train_loss, train_lr, train_wd, epoch), then our diagnostics."""
-    record = {f"train_{name}": stats[name] for name in ("loss", "lr", "wd")}
+    reference_names = ("loss", "lr", "wd")
+    record = {f"train_{name}": stats[name] for name in reference_names}
     record["epoch"] = epoch
-    record.update({f"train_{name}": stats[name]
-                   for name in ("teacher_entropy", "teacher_kl", "skipped_images")})
+    record.update({f"train_{name}": value for name, value in stats.items()
+                   if name not in reference_names})
     return record
 
 
@@ -275,7 +276,7 @@ class PendingStats(NamedTuple):
     step: int
     lr: float
     wd: float
-    values: torch.Tensor  # [loss, teacher entropy, teacher KL to uniform]
+    values: Dict[str, torch.Tensor]  # scalar tensors: "loss", "teacher_entropy", ...
 
 
 def train_one_epoch(training: DinoTraining, data_loader: torch.utils.data.DataLoader,
@@ -290,8 +291,8 @@ def train_one_epoch(training: DinoTraining, data_loader: torch.utils.data.DataLo
             metric_logger.log_every(data_loader, PRINT_FREQ, header)):
         it = len(data_loader) * epoch + step
         lr, wd = set_schedules(training.optimizer, training.schedules, it)
-        values = training_step(training, prepare_crops(crops), epoch, it)
-        pending.append(PendingStats(step, lr, wd, values))
+        pending.append(PendingStats(step, lr, wd, training_step(training, prepare_crops(crops),
+                                                                epoch, it)))
         skipped += int(skipped_in_batch.sum())
         if step % PRINT_FREQ == 0 or step == last_step:
             record_pending(metric_logger, pending, epoch)
@@ -305,12 +306,15 @@ def train_one_epoch(training: DinoTraining, data_loader: torch.utils.data.DataLo
 def record_pending(metric_logger: utils.MetricLogger, pending: List[PendingStats],
                    epoch: int) -> None:
     """Read back the queued per-iteration stats in one host sync and feed the meters."""
-    values = torch.stack([stats.values for stats in pending]).tolist()
-    for stats, (loss, entropy, kl) in zip(pending, values):
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(loss, epoch, stats.step)
-        metric_logger.update(loss=loss, lr=stats.lr, wd=stats.wd, teacher_entropy=entropy,
-                             teacher_kl=kl)
+    names = list(pending[0].values)
+    rows = torch.stack([torch.stack([stats.values[name] for name in names])
+                        for stats in pending]).tolist()
+    for stats, row in zip(pending, rows):
+        values = dict(zip(names, row))
+        if not math.isfinite(values["loss"]):
+            raise NonFiniteLossError(values["loss"], epoch, stats.step)
+        # The reference's progress line starts with loss, lr, wd.
+        metric_logger.update(loss=values.pop("loss"), lr=stats.lr, wd=stats.wd, **values)
     pending.clear()
 
 
@@ -362,10 +366,11 @@ def build_training(args: argparse.Namespace, device: torch.device,
 
 
 def training_step(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
-                  it: int) -> torch.Tensor:
+                  it: int) -> Dict[str, torch.Tensor]:
     """Forward, backward, clipped optimizer step and teacher EMA at global iteration `it`.
 
-    Returns [loss, teacher entropy, teacher KL to uniform] on the device, without a host sync.
+    Returns the step's scalars (loss, teacher entropy and KL to uniform) on the device, without
+    a host sync.
     """
     loss, diagnostics = forward_loss(training.student, training.teacher, training.dino_loss,
                                      crops, epoch, training.autocast)
@@ -374,7 +379,8 @@ def training_step(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
                   training.clip_grad, training.freeze_last_layer)
     update_teacher(training.student_params, training.teacher_params,
                    float(training.schedules["momentum"][it]))
-    return torch.cat((loss.detach().reshape(1), diagnostics))
+    return {"loss": loss.detach(), "teacher_entropy": diagnostics[0],
+            "teacher_kl": diagnostics[1]}
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, schedules: Dict[str, np.ndarray],

@@ -192,8 +192,11 @@ def test_update_teacher_is_the_ema_formula():
 
 def test_non_finite_loss_names_epoch_and_iteration():
     logger = utils.MetricLogger()
-    pending = [main_dino.PendingStats(0, 0.1, 0.04, torch.tensor([1.0, 2.0, 3.0])),
-               main_dino.PendingStats(1, 0.1, 0.04, torch.tensor([float("nan"), 2.0, 3.0]))]
+    def values(loss):
+        return {"loss": torch.tensor(loss), "teacher_entropy": torch.tensor(2.0)}
+
+    pending = [main_dino.PendingStats(0, 0.1, 0.04, values(1.0)),
+               main_dino.PendingStats(1, 0.1, 0.04, values(float("nan")))]
     with pytest.raises(main_dino.NonFiniteLossError, match="Loss is nan at epoch 4, iteration 1"):
         main_dino.record_pending(logger, pending, epoch=4)
 
