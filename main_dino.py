@@ -1,7 +1,9 @@
 """DINO self-supervised pretraining: a student ViT matches an EMA teacher on multi-crop views.
 
 Reads top-down: the command line, the run (`train_dino`), one epoch, one training step and its
-pieces, the DINO loss, the models and their optimisation, and the data.
+pieces, the DINO loss, the models and their optimisation, and the data. The DINOv2-era switches,
+all off by default, live in their own modules: dino_objectives.py (KoLeo, iBOT, Sinkhorn-Knopp),
+dino_distillation.py (--distill_from) and dino_sharding.py (--sharding fsdp).
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
 
+import dino_distillation
+import dino_objectives
+import dino_sharding
 import gpu_augment
 import utils
 from vision_transformer import DINOHead
@@ -59,6 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
                         help="Whether to use batch normalizations in projection head (Default: "
                              "False)")
+    parser.add_argument("--num_register_tokens", default=0, type=int,
+                        help="Learned register tokens after [CLS] (Darcet et al. 2023; DINOv2 "
+                             "uses 4). ViTs only; 0 (default) keeps the reference's network.")
 
     # Temperature teacher parameters
     parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
@@ -138,6 +146,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Side in pixels of the local crops (96 as the reference).")
     gpu_augment.add_gpu_augment_args(parser)
 
+    # DINOv2-era switches, all off by default (DINO v1)
+    dino_objectives.add_objective_args(parser)
+    dino_distillation.add_distillation_args(parser)
+    dino_sharding.add_sharding_args(parser)
+
     # Misc
     parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
                         help="Folder of training images: an ImageFolder (class sub-folders, "
@@ -159,6 +172,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     check_schedule_flags(args)
+    check_switch_flags(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     try:
         train_dino(args)
@@ -175,6 +189,17 @@ def check_schedule_flags(args: argparse.Namespace) -> None:
     if args.warmup_epochs > args.epochs:
         raise utils.InputError(f"--warmup_epochs ({args.warmup_epochs}) is longer than --epochs "
                                f"({args.epochs}): lower --warmup_epochs")
+
+
+def check_switch_flags(args: argparse.Namespace) -> None:
+    """The DINOv2-era switches must fit the architecture and each other."""
+    if args.num_register_tokens < 0:
+        raise utils.InputError("--num_register_tokens must be >= 0")
+    if args.num_register_tokens and args.arch not in utils.VIT_ARCHS:
+        raise utils.InputError(f"--num_register_tokens needs a ViT, not {args.arch}")
+    dino_objectives.check_objective_args(args)
+    dino_distillation.check_distillation_args(args)
+    dino_sharding.check_sharding_args(args)
 
 
 def train_dino(args: argparse.Namespace) -> None:
@@ -194,10 +219,8 @@ def train_dino(args: argparse.Namespace) -> None:
 
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     run_variables = {"epoch": 0}
-    utils.restart_from_checkpoint(
-        checkpoint_path, run_variables=run_variables, student=training.student,
-        teacher=training.teacher, optimizer=training.optimizer,
-        fp16_scaler=training.fp16_scaler, dino_loss=training.dino_loss)
+    utils.restart_from_checkpoint(checkpoint_path, run_variables=run_variables,
+                                  **training.checkpointed)
     start_epoch = run_variables["epoch"]
     log_path = os.path.join(args.output_dir, "log.txt")
     utils.truncate_json_log(log_path, start_epoch)
@@ -233,25 +256,22 @@ def epoch_log_record(stats: Dict[str, float], epoch: int) -> dict:
 
 
 def checkpoint_state(training: DinoTraining, epoch: int, args: argparse.Namespace) -> dict:
-    """The reference's checkpoint layout (student keys keep DDP's `module.` prefix)."""
-    state = {
-        "student": training.student.state_dict(),
-        "teacher": training.teacher.state_dict(),
-        "optimizer": training.optimizer.state_dict(),
-        "epoch": epoch + 1,
-        "args": args,
-        "dino_loss": training.dino_loss.state_dict(),
-    }
-    if training.fp16_scaler is not None:
-        state["fp16_scaler"] = training.fp16_scaler.state_dict()
+    """The reference's checkpoint layout (student keys keep DDP's `module.` prefix): student,
+    teacher, optimizer, epoch, args, dino_loss, then fp16_scaler and the switches' states."""
+    objects = dict(training.checkpointed)
+    state = {name: objects.pop(name).state_dict() for name in ("student", "teacher", "optimizer")}
+    state.update(epoch=epoch + 1, args=args)
+    state.update({name: value.state_dict() for name, value in objects.items()})
     return state
 
 
 def warn_on_collapse(stats: Dict[str, float], out_dim: int) -> None:
     """Point at the usual remedies when the loss or the teacher outputs show collapse."""
     uniform_loss = math.log(out_dim)
-    if abs(stats["loss"] - uniform_loss) < 0.01 * uniform_loss:
-        print(f"Warning: the loss {stats['loss']:.4f} sits at ln(out_dim) = {uniform_loss:.4f}: "
+    # With KoLeo or iBOT terms, "loss" is their weighted sum and "dino_loss" the DINO part.
+    dino_loss = stats.get("dino_loss", stats["loss"])
+    if abs(dino_loss - uniform_loss) < 0.01 * uniform_loss:
+        print(f"Warning: the loss {dino_loss:.4f} sits at ln(out_dim) = {uniform_loss:.4f}: "
               "the student's outputs are near uniform (collapse?). Try a lower --teacher_temp, "
               "a higher --momentum_teacher or a lower --lr.")
     # Entropy of the batch-mean teacher distribution: ln(number of prototypes in use).
@@ -340,11 +360,17 @@ class DinoTraining:
     fp16_scaler: Optional[torch.amp.GradScaler]
     autocast: ContextManager
     schedules: Dict[str, np.ndarray]  # per-iteration "lr", "wd" and teacher "momentum"
-    student_params: List[torch.Tensor]
+    student_params: List[torch.Tensor]  # with --sharding fsdp: this rank's shards
     teacher_params: List[torch.Tensor]
     clip_grad: float
     freeze_last_layer: int
     epochs: int
+    # What the checkpoint holds, by key: objects with state_dict() and load_state_dict().
+    checkpointed: Dict[str, object]
+    # KoLeo / iBOT terms (also set with distillation); None: the DINO loss alone, as v1.
+    objectives: Optional[dino_objectives.Objectives] = None
+    # The frozen teacher of --distill_from, whose outputs replace the EMA teacher's as targets.
+    distillation: Optional[dino_distillation.Distillation] = None
 
 
 def build_training(args: argparse.Namespace, device: torch.device,
@@ -352,35 +378,68 @@ def build_training(args: argparse.Namespace, device: torch.device,
     """Student, teacher, loss, optimizer, precision and schedules from main_dino's flags."""
     student, teacher, teacher_without_ddp = build_student_teacher(args, device)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
+                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs,
+                         centering=args.centering).to(device)
     optimizer = build_optimizer(args, student, device)
-    dtype = autocast_dtype(args, device)
+    # Sharded networks compute in FSDP's parameter dtype instead of under autocast.
+    dtype = autocast_dtype(args, device) if args.sharding == "none" else None
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     fp16_scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     schedules = build_schedules(args, iters_per_epoch)
+    objectives = dino_objectives.build_objectives(args, device) \
+        if dino_objectives.uses_objectives(args) else None
+    distillation = dino_distillation.build_distillation(args, device) \
+        if args.distill_from else None
+    checkpointed = checkpointed_objects(args, student, teacher, optimizer, dino_loss,
+                                        fp16_scaler, objectives, distillation)
     print("Loss, optimizer and schedulers ready.")
     return DinoTraining(student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
-                        autocast, schedules, list(student.module.parameters()),
-                        list(teacher_without_ddp.parameters()), args.clip_grad,
-                        args.freeze_last_layer, args.epochs)
+                        autocast, schedules,
+                        dino_sharding.local_tensors(list(student.module.parameters())),
+                        dino_sharding.local_tensors(list(teacher_without_ddp.parameters())),
+                        args.clip_grad, args.freeze_last_layer, args.epochs, checkpointed,
+                        objectives, distillation)
+
+
+def checkpointed_objects(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
+                         optimizer: torch.optim.Optimizer, dino_loss: DINOLoss,
+                         fp16_scaler: Optional[torch.amp.GradScaler],
+                         objectives: Optional[dino_objectives.Objectives],
+                         distillation: Optional[dino_distillation.Distillation]) -> dict:
+    """The reference's checkpoint entries, then those of the switches that are on."""
+    sharded = args.sharding == "fsdp"
+    objects = {"student": student, "teacher": teacher,
+               "optimizer": dino_sharding.ShardedOptimizerState(optimizer) if sharded
+               else optimizer, "dino_loss": dino_loss}
+    if fp16_scaler is not None:
+        objects["fp16_scaler"] = fp16_scaler
+    if objectives is not None and objectives.ibot_loss is not None:
+        objects["ibot_loss"] = objectives.ibot_loss
+    if distillation is not None and distillation.warmup_epochs:
+        objects["distillation"] = distillation
+    return objects
 
 
 def training_step(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
                   it: int) -> Dict[str, torch.Tensor]:
     """Forward, backward, clipped optimizer step and teacher EMA at global iteration `it`.
 
-    Returns the step's scalars (loss, teacher entropy and KL to uniform) on the device, without
-    a host sync.
+    Returns the step's scalars (loss, teacher entropy and KL to uniform, and the switches'
+    losses) on the device, without a host sync.
     """
-    loss, diagnostics = forward_loss(training.student, training.teacher, training.dino_loss,
-                                     crops, epoch, training.autocast)
+    if training.objectives is None:
+        loss, diagnostics = forward_loss(training.student, training.teacher, training.dino_loss,
+                                         crops, epoch, training.autocast)
+        values = {"loss": loss.detach(), "teacher_entropy": diagnostics[0],
+                  "teacher_kl": diagnostics[1]}
+    else:
+        loss, values = forward_dinov2_losses(training, crops, epoch, it)
     backward(loss, training.optimizer, training.fp16_scaler)
     clip_and_step(training.student, training.optimizer, training.fp16_scaler, epoch,
                   training.clip_grad, training.freeze_last_layer)
     update_teacher(training.student_params, training.teacher_params,
                    float(training.schedules["momentum"][it]))
-    return {"loss": loss.detach(), "teacher_entropy": diagnostics[0],
-            "teacher_kl": diagnostics[1]}
+    return values
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, schedules: Dict[str, np.ndarray],
@@ -402,6 +461,43 @@ def forward_loss(student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
         teacher_output = teacher(crops[:2])
         student_output = student(crops)
         return dino_loss(student_output, teacher_output, epoch, return_diagnostics=True)
+
+
+def forward_dinov2_losses(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
+                          it: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The DINO loss plus the KoLeo and iBOT terms that are on, against the EMA teacher or the
+    distillation teacher; (the loss to minimise, the step's named scalars).
+
+    With iBOT, the student's global crops are masked and the teacher reads the same crops
+    intact. A distillation teacher whose head is still being fitted takes its own step here.
+    """
+    objectives = training.objectives
+    patch_masks = objectives.sample_masks(crops[0], it)
+    teacher_temp = float(training.dino_loss.teacher_temp_schedule[epoch])
+    with training.autocast:
+        if training.distillation is None:
+            teacher_output = training.teacher(crops[:2], patch_masks, mask_inputs=False)
+        else:
+            teacher_output = training.distillation.targets(crops[:2], patch_masks)
+        student_output = training.student(crops, patch_masks)
+    dino_loss, diagnostics = training.dino_loss(student_output.dino, teacher_output.dino, epoch,
+                                                return_diagnostics=True)
+    loss = dino_loss
+    values = {"dino_loss": dino_loss.detach()}
+    if objectives.koleo_loss_weight:
+        koleo_loss = dino_objectives.koleo_loss_per_view(student_output.global_cls)
+        loss = loss + objectives.koleo_loss_weight * koleo_loss
+        values["koleo_loss"] = koleo_loss.detach()
+    if objectives.ibot_loss is not None:
+        ibot_loss = objectives.ibot_loss(student_output.ibot, teacher_output.ibot, patch_masks,
+                                         teacher_temp)
+        loss = loss + objectives.ibot_loss_weight * ibot_loss
+        values["ibot_loss"] = ibot_loss.detach()
+    if training.distillation is not None and training.distillation.warming_up(epoch):
+        values["head_warmup_loss"] = training.distillation.warm_up_head(
+            teacher_output.global_cls, teacher_temp)
+    return loss, {"loss": loss.detach(), **values, "teacher_entropy": diagnostics[0],
+                  "teacher_kl": diagnostics[1]}
 
 
 def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -459,11 +555,13 @@ class DINOLoss(nn.Module):
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, centering: str = "centering"):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
+        # "sinkhorn_knopp" (DINOv2) balances the teacher outputs instead; the center then stays.
+        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
         # The teacher temperature changes per epoch: a linear warm-up, then constant.
         self.teacher_temp_schedule = np.concatenate((
@@ -480,7 +578,8 @@ class DINOLoss(nn.Module):
         # Each student log-softmax is computed once, in float32 even under autocast.
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         temp = self.teacher_temp_schedule[epoch]
-        teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        teacher_probs = dino_objectives.teacher_probabilities(teacher_output, self.center, temp,
+                                                              self.centering)
         total_loss, n_terms = 0.0, 0
         for iq, q in enumerate(teacher_probs.chunk(2)):
             for v, logp in enumerate(student_logp.chunk(self.ncrops)):
@@ -489,7 +588,8 @@ class DINOLoss(nn.Module):
                 total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
                 n_terms += 1
         loss = total_loss / n_terms
-        self.update_center(teacher_output)
+        if self.centering == "centering":
+            self.update_center(teacher_output)
         if return_diagnostics:
             return loss, teacher_diagnostics(teacher_probs)
         return loss
@@ -521,18 +621,28 @@ def teacher_diagnostics(teacher_probs: torch.Tensor) -> torch.Tensor:
 
 def build_student_teacher(args: argparse.Namespace, device: torch.device
                           ) -> Tuple[nn.Module, nn.Module, nn.Module]:
-    """Student (DDP) and teacher MultiCropWrappers; the teacher starts as the student's copy."""
+    """Student (DDP, or FSDP-sharded) and teacher multi-crop networks; the teacher starts as the
+    student's copy."""
+    vit_options = backbone_options(args)
     student_backbone, embed_dim = utils.build_backbone(args.arch, args.patch_size,
-                                                       args.drop_path_rate)
-    teacher_backbone, _ = utils.build_backbone(args.arch, args.patch_size, 0.0)
-    student = utils.MultiCropWrapper(student_backbone, DINOHead(
-        embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
-    teacher = utils.MultiCropWrapper(teacher_backbone, DINOHead(
-        embed_dim, args.out_dim, args.use_bn_in_head))
+                                                       args.drop_path_rate, **vit_options)
+    teacher_backbone, _ = utils.build_backbone(args.arch, args.patch_size, 0.0, **vit_options)
+    student = multi_crop_network(args, student_backbone, embed_dim, args.norm_last_layer)
+    teacher = multi_crop_network(args, teacher_backbone, embed_dim, norm_last_layer=True)
     student, teacher = student.to(device), teacher.to(device)
     if device.type == "cuda" and not args.arch.startswith(("vit", "xcit")):
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
+    if args.sharding == "fsdp":
+        teacher.load_state_dict(student.state_dict())
+        teacher.requires_grad_(False)
+        dtype = dino_sharding.compute_dtype(args.use_bf16, args.use_fp16, device)
+        print(f"Student and Teacher are built: they are both {args.arch} network, FSDP-sharded "
+              f"over {utils.get_world_size()} processes, computing in {dtype or torch.float32}.")
+        student = dino_sharding.shard(student, dtype, args.compile)
+        teacher = dino_sharding.ShardedNetwork(dino_sharding.shard(teacher, dtype, args.compile),
+                                               key_prefix="")
+        return dino_sharding.ShardedNetwork(student, key_prefix="module."), teacher, teacher
     if args.compile:
         for wrapper in (student, teacher):
             # Module.compile keeps the state_dict keys (no `_orig_mod.`): checkpoints stay as-is.
@@ -556,12 +666,38 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device
     return student, teacher, teacher_without_ddp
 
 
+def backbone_options(args: argparse.Namespace) -> dict:
+    """ViT constructor options of the switches: register tokens, iBOT's mask token."""
+    options = {}
+    if args.num_register_tokens:
+        options["num_register_tokens"] = args.num_register_tokens
+    if args.ibot_loss_weight:
+        options["use_mask_token"] = True
+    return options
+
+
+def multi_crop_network(args: argparse.Namespace, backbone: nn.Module, embed_dim: int,
+                       norm_last_layer: bool) -> nn.Module:
+    """The backbone with its DINO head (and iBOT head) in a multi-crop wrapper."""
+    head = DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
+                    norm_last_layer=norm_last_layer)
+    if not dino_objectives.uses_objectives(args):
+        return utils.MultiCropWrapper(backbone, head)
+    ibot_head = None
+    if args.ibot_loss_weight and args.ibot_separate_head:
+        ibot_head = DINOHead(embed_dim, args.ibot_out_dim or args.out_dim,
+                             norm_last_layer=norm_last_layer)
+    return dino_objectives.MaskedMultiCropWrapper(backbone, head, ibot_head)
+
+
 def build_optimizer(args: argparse.Namespace, student: nn.Module,
                     device: torch.device) -> torch.optim.Optimizer:
     params_groups = utils.get_params_groups(student)
     if args.optimizer == "adamw":
-        # The fused CUDA kernel does the same AdamW arithmetic in one launch.
-        return torch.optim.AdamW(params_groups, fused=device.type == "cuda")
+        # The fused CUDA kernel does the same AdamW arithmetic in one launch (the foreach one
+        # takes the sharded parameters).
+        return torch.optim.AdamW(params_groups,
+                                 fused=device.type == "cuda" and args.sharding == "none")
     if args.optimizer == "sgd":
         return torch.optim.SGD(params_groups, lr=0, momentum=0.9)
     return utils.LARS(params_groups)

@@ -73,8 +73,8 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch_names: Sequence[str]
                       default_patch_size: int = 16) -> None:
     """--arch, --patch_size, --pretrained_weights and --checkpoint_key of a pretrained backbone."""
     parser.add_argument("--arch", default="vit_small", type=canonical_arch, choices=arch_names,
-                        help="Architecture of the backbone: vit_tiny/small/base (deit_* are "
-                             "aliases), or where accepted an XCiT hub name or a torchvision "
+                        help="Architecture of the backbone: vit_tiny/small/base/large (deit_* "
+                             "are aliases), or where accepted an XCiT hub name or a torchvision "
                              "convnet.")
     parser.add_argument("--patch_size", default=default_patch_size, type=int,
                         help="Patch resolution of the ViT.")
@@ -127,7 +127,7 @@ def print_run_header(args: argparse.Namespace) -> None:
 # Architectures
 # ------------------------------------------------------------------------------------------------
 
-VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 # Names of facebookresearch/xcit's hub entry points, listed here so that building the parser
 # never needs the network (reference issue #159); they are fetched only when one is trained.
 XCIT_ARCHS = tuple(f"xcit_{size}_{depth}_p{patch}"
@@ -164,7 +164,6 @@ def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.0,
         return model, model.embed_dim
     if vit_kwargs:
         raise InputError(f"{arch} takes no ViT options ({', '.join(sorted(vit_kwargs))})")
-        return model, model.embed_dim
     if arch.startswith("xcit"):
         try:
             model = torch.hub.load("facebookresearch/xcit:main", arch, pretrained=False,
@@ -359,12 +358,20 @@ class LARS(torch.optim.Optimizer):
 def clip_gradients(model: nn.Module, clip: float) -> List[torch.Tensor]:
     """Clip each parameter's gradient to norm `clip` on its own (not a global norm).
 
-    Done with foreach kernels and no host sync; returns the pre-clipping norms.
+    Done with foreach kernels and no host sync; returns the pre-clipping norms. FSDP-sharded
+    gradients (DTensors) are clipped by the norms of the whole parameters, on the local shards.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return []
-    norms = torch._foreach_norm(grads)
+    if hasattr(grads[0], "to_local"):  # DTensor, without importing torch.distributed.tensor
+        grads = [grad.to_local() for grad in grads]
+        # Whole-parameter norms from every rank's shard, in one all-reduce.
+        squares = torch.stack(torch._foreach_norm(grads)).square()
+        dist.all_reduce(squares)
+        norms = list(squares.sqrt().unbind())
+    else:
+        norms = torch._foreach_norm(grads)
     coefs = torch._foreach_add(norms, 1e-6)
     torch._foreach_reciprocal_(coefs)
     torch._foreach_mul_(coefs, clip)
@@ -398,11 +405,15 @@ class MultiCropWrapper(nn.Module):
 
     def forward(self, x) -> torch.Tensor:
         crops = x if isinstance(x, (list, tuple)) else [x]
+        return self.head(self.backbone_features(crops))
+
+    def backbone_features(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Backbone outputs of all crops, concatenated in crop order."""
         features = []
         for _, same_size in itertools.groupby(crops, key=lambda crop: crop.shape[-1]):
             output = self.backbone(torch.cat(list(same_size)))
             features.append(output[0] if isinstance(output, tuple) else output)
-        return self.head(torch.cat(features))
+        return torch.cat(features)
 
 
 def has_batchnorms(model: nn.Module) -> bool:
@@ -602,13 +613,8 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str,
               "(asked for with --pretrained_weights random).")
         return
     if pretrained_weights:
-        if not os.path.isfile(pretrained_weights):
-            raise InputError(f"--pretrained_weights {pretrained_weights!r} is not a file")
-        state_dict = load_checkpoint_file(pretrained_weights)
-        if checkpoint_key is not None and checkpoint_key in state_dict:
-            print(f"Take key {checkpoint_key} in provided checkpoint dict")
-            state_dict = state_dict[checkpoint_key]
-        load_backbone_state_dict(model, _strip_wrapper_prefixes(state_dict), pretrained_weights)
+        load_backbone_state_dict(model, read_backbone_weights(pretrained_weights, checkpoint_key),
+                                 pretrained_weights)
         return
     url = reference_weights_url(model_name, patch_size, visualisation=visualisation)
     if url is None:
@@ -617,6 +623,25 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str,
     print("Since no pretrained weights have been provided, we load the reference pretrained "
           f"DINO weights from {url}.")
     model.load_state_dict(download_state_dict(url), strict=(model_name != "resnet50"))
+
+
+def read_backbone_weights(path: str, checkpoint_key: Optional[str]) -> dict:
+    """A weights file's state_dict (a training checkpoint's `checkpoint_key` entry when it has
+    one) with the `module.` and `backbone.` prefixes stripped."""
+    if not os.path.isfile(path):
+        raise InputError(f"--pretrained_weights {path!r} is not a file")
+    state_dict = load_checkpoint_file(path)
+    if checkpoint_key is not None and checkpoint_key in state_dict:
+        print(f"Take key {checkpoint_key} in provided checkpoint dict")
+        state_dict = state_dict[checkpoint_key]
+    return _strip_wrapper_prefixes(state_dict)
+
+
+def vit_options_of(state_dict: dict) -> dict:
+    """The ViT constructor options that weights need beyond the reference's: their number of
+    register tokens, read from the shape of `register_tokens` (1, N, D)."""
+    registers = state_dict.get("register_tokens")
+    return {} if registers is None else {"num_register_tokens": registers.shape[1]}
 
 
 def load_backbone_state_dict(model: nn.Module, state_dict: dict, source: str) -> None:
@@ -642,11 +667,23 @@ def load_backbone_state_dict(model: nn.Module, state_dict: dict, source: str) ->
 def build_pretrained_backbone(arch: str, patch_size: int, pretrained_weights: str,
                               checkpoint_key: Optional[str], visualisation: bool = False
                               ) -> Tuple[nn.Module, int]:
-    """(backbone with weights from a file, the reference release or "random", its width)."""
-    model, embed_dim = build_backbone(arch, patch_size)
-    print(f"Model {arch} {patch_size}x{patch_size} built.")
-    load_pretrained_weights(model, pretrained_weights, checkpoint_key, canonical_arch(arch),
-                            patch_size, visualisation=visualisation)
+    """(backbone with weights from a file, the reference release or "random", its width).
+
+    A ViT gets the register tokens that the weights file holds (none otherwise).
+    """
+    if pretrained_weights in ("", "random"):
+        model, embed_dim = build_backbone(arch, patch_size)
+        print(f"Model {arch} {patch_size}x{patch_size} built.")
+        load_pretrained_weights(model, pretrained_weights, checkpoint_key, canonical_arch(arch),
+                                patch_size, visualisation=visualisation)
+        return model, embed_dim
+    state_dict = read_backbone_weights(pretrained_weights, checkpoint_key)
+    vit_options = vit_options_of(state_dict)
+    model, embed_dim = build_backbone(arch, patch_size, **vit_options)
+    registers = vit_options.get("num_register_tokens", 0)
+    print(f"Model {arch} {patch_size}x{patch_size} built"
+          + (f" with {registers} register tokens." if registers else "."))
+    load_backbone_state_dict(model, state_dict, pretrained_weights)
     return model, embed_dim
 
 

@@ -1,7 +1,9 @@
 """Vision Transformer and DINO projection head, state_dict-compatible with the DINO reference.
 
 Attention runs through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU);
-the explicit softmax path is used only when attention probabilities are asked for.
+the explicit softmax path is used only when attention probabilities are asked for. Optional
+DINOv2-era parts, absent by default (so the reference's keys stay exactly as they are): register
+tokens (Darcet et al., arXiv 2309.16588) and the mask token of iBOT's masked patches.
 """
 import math
 from functools import partial
@@ -115,19 +117,31 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT whose forward returns the final-normed [CLS] token (or class logits)."""
+    """ViT whose forward returns the final-normed [CLS] token (or class logits).
+
+    num_register_tokens > 0 adds learned tokens after [CLS] (key `register_tokens`, no position
+    embedding); use_mask_token adds the learned `mask_token` that replaces masked patches.
+    """
 
     def __init__(self, img_size=(224,), patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 0, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: Optional[float] = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 norm_layer=nn.LayerNorm, **kwargs):
+                 norm_layer=nn.LayerNorm, num_register_tokens: int = 0,
+                 use_mask_token: bool = False, **kwargs):
         super().__init__()
         self.num_features = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size[0], patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.num_register_tokens = num_register_tokens
+        if num_register_tokens:
+            # DINOv2's initialisation: registers start almost at zero.
+            self.register_tokens = nn.Parameter(
+                torch.randn(1, num_register_tokens, embed_dim) * 1e-6)
+        if use_mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
         drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
@@ -145,11 +159,18 @@ class VisionTransformer(nn.Module):
         signature)."""
         return interpolate_pos_embed(self.pos_embed, height, width, self.patch_embed.patch_size)
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_tokens(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+        """[CLS], registers, patches; patches where `masks` (B, N) is True become mask_token."""
         batch, _, height, width = x.shape
         tokens = self.patch_embed(x)
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         tokens = torch.cat((self.cls_token.expand(batch, -1, -1), tokens), dim=1)
         tokens = tokens + self.interpolate_pos_encoding(tokens, height, width)
+        if self.num_register_tokens:
+            tokens = torch.cat((tokens[:, :1], self.register_tokens.expand(batch, -1, -1),
+                                tokens[:, 1:]), dim=1)
         return self.pos_drop(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,22 +179,41 @@ class VisionTransformer(nn.Module):
             x = block(x)
         return self.head(self.norm(x)[:, 0])
 
+    def forward_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed [CLS] (B, D) and patch tokens (B, N, D), registers left out."""
+        x = self.prepare_tokens(x, masks)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return x[:, 0], x[:, 1 + self.num_register_tokens:]
+
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities (B, heads, T, T) of the last block, computed exactly."""
+        """Attention probabilities (B, heads, T, T) of the last block over [CLS] and the patches
+        (registers left out, so the layout is the reference's), computed exactly."""
         x = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             x = block(x)
-        return self.blocks[-1](x, return_attention=True)
+        return self.without_registers(self.blocks[-1](x, return_attention=True), dims=(2, 3))
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> List[torch.Tensor]:
-        """Final-normed token sequences of the last `n` blocks, shallow to deep."""
+        """Final-normed [CLS] and patch tokens of the last `n` blocks, shallow to deep."""
         x = self.prepare_tokens(x)
         outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if len(self.blocks) - i <= n:
-                outputs.append(self.norm(x))
+                outputs.append(self.without_registers(self.norm(x)))
         return outputs
+
+    def without_registers(self, x: torch.Tensor, dims: Tuple[int, ...] = (1,)) -> torch.Tensor:
+        """Drop the register positions along the token dimensions `dims`."""
+        if not self.num_register_tokens:
+            return x
+        first = 1 + self.num_register_tokens
+        for dim in dims:
+            x = torch.cat((x.narrow(dim, 0, 1), x.narrow(dim, first, x.shape[dim] - first)), dim)
+        return x
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, height: int, width: int,
@@ -210,8 +250,9 @@ def _init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _vit(embed_dim: int, num_heads: int, patch_size: int, **kwargs) -> VisionTransformer:
-    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=12,
+def _vit(embed_dim: int, num_heads: int, patch_size: int, depth: int = 12,
+         **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                              num_heads=num_heads, mlp_ratio=4, qkv_bias=True,
                              norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
 
@@ -226,6 +267,12 @@ def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
 
 def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
     return _vit(768, 12, patch_size, **kwargs)
+
+
+def vit_large(patch_size: int = 14, **kwargs) -> VisionTransformer:
+    """DINOv2's ViT-L: width 1024, 24 blocks, 16 heads, patch 14 (main_dino passes its own
+    --patch_size, default 16)."""
+    return _vit(1024, 16, patch_size, depth=24, **kwargs)
 
 
 class WeightNormLinear(nn.Module):
