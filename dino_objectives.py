@@ -124,26 +124,33 @@ def teacher_probabilities(teacher_logits: torch.Tensor, center: torch.Tensor, te
 
 @torch.no_grad()
 def sinkhorn_knopp(scores: torch.Tensor, iterations: int = 3) -> torch.Tensor:
-    """Rows of exp(scores) alternately rescaled so that every prototype (column) holds the same
-    mass over the batch of all ranks, and every sample (row) sums to 1; (B, K) float32.
+    """exp(scores) alternately rescaled so that every prototype (column) holds the same mass
+    over the batch of all ranks and every sample (row) sums to 1; (B, K) float32.
 
     DINOv2's normalisations by the total mass, by K and by the global batch size only rescale
     the whole matrix before a rescaling of rows or columns, so they cancel and are left out.
+    The iterations run on logarithms: scores spanning more than ~170 (logits of 3.5 at
+    temperature 0.04 with --norm_last_layer false) would underflow exp() in float32.
     """
-    scores = scores.float()
-    # One global shift, which the first column normalisation cancels, keeps exp() finite.
-    peak = scores.max() if scores.numel() else scores.new_tensor(-math.inf)
+    log_q = scores.float()
+    for _ in range(iterations):
+        log_q = log_q - _column_logsumexp_over_ranks(log_q)
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+    return torch.exp(log_q)
+
+
+def _column_logsumexp_over_ranks(log_q: torch.Tensor) -> torch.Tensor:
+    """log(sum over every rank's rows of exp(log_q)), per column: (1, K)."""
+    if len(log_q):
+        peak = log_q.amax(dim=0, keepdim=True)
+    else:  # a rank without rows (no masked token) still joins the all-reduces
+        peak = log_q.new_full((1, log_q.shape[1]), -math.inf)
     if utils.is_dist_avail_and_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    q = torch.exp(scores - peak)
-    tiny = torch.finfo(q.dtype).tiny
-    for _ in range(iterations):
-        prototype_mass = q.sum(dim=0, keepdim=True)
-        if utils.is_dist_avail_and_initialized():
-            dist.all_reduce(prototype_mass)
-        q /= prototype_mass.clamp_min(tiny)
-        q /= q.sum(dim=1, keepdim=True).clamp_min(tiny)
-    return q
+    mass = torch.exp(log_q - peak).sum(dim=0, keepdim=True)
+    if utils.is_dist_avail_and_initialized():
+        dist.all_reduce(mass)
+    return peak + torch.log(mass)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,13 +252,17 @@ class MaskSampler:
         for i in range(masked_images):
             target = int(patches * rng.uniform(bounds[i], bounds[i + 1]))
             masks[i] = block_mask(rng, grid[0], grid[1], target).reshape(-1)
-        masks = masks[rng.permutation(images)]
-        counts = masks.sum(axis=1)
-        indices = np.flatnonzero(masks)
-        weights = 1.0 / counts[indices // patches]
-        return PatchMasks(torch.from_numpy(masks).to(device, non_blocking=True),
-                          torch.from_numpy(indices).to(device, non_blocking=True),
-                          torch.from_numpy(weights).float().to(device, non_blocking=True))
+        return patch_masks_of(masks[rng.permutation(images)], device)
+
+
+def patch_masks_of(masks: np.ndarray, device: torch.device) -> PatchMasks:
+    """PatchMasks of (images, patches) bool masks, computed on the host (no device sync)."""
+    counts = masks.sum(axis=1)
+    indices = np.flatnonzero(masks)
+    weights = 1.0 / counts[indices // masks.shape[1]]
+    return PatchMasks(torch.from_numpy(masks).to(device, non_blocking=True),
+                      torch.from_numpy(indices).to(device, non_blocking=True),
+                      torch.from_numpy(weights).float().to(device, non_blocking=True))
 
 
 class IBOTPatchLoss(nn.Module):

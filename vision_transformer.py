@@ -143,7 +143,8 @@ class VisionTransformer(nn.Module):
         if use_mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
-        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        # On the CPU even when built on the meta device (a size check of vit_large).
+        drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
                   drop_path_rates[i], norm_layer)

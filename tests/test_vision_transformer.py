@@ -183,3 +183,76 @@ def test_drop_path_keeps_expectation_and_zeroes_whole_samples():
     assert torch.all(out == per_sample[:, None, None])
     assert math.isclose(out.mean().item(), 1.0, abs_tol=0.05)
     assert torch.equal(vits.drop_path(x, 0.25, training=False), x)
+
+
+# ------------------------------------------------------------------------------------------------
+# DINOv2-era options: register tokens, iBOT's mask token, vit_large
+# ------------------------------------------------------------------------------------------------
+
+def test_register_tokens_are_one_key_after_pos_embed_with_no_position():
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16, num_register_tokens=4).eval()
+    layout = reference_vit_layout(192, 16)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == (
+        layout[:2] + [("register_tokens", (1, 4, 192))] + layout[2:])
+    assert model.register_tokens.abs().max() < 1e-4  # DINOv2's almost-zero start
+    plain = vits.vit_tiny(patch_size=16).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "register_tokens"})
+    x = torch.randn(2, 3, 32, 48)
+    tokens = model.prepare_tokens(x)
+    assert tokens.shape == (2, 1 + 4 + 6, 192)
+    torch.testing.assert_close(tokens[:, 1:5], model.register_tokens.expand(2, -1, -1))
+    without_registers = torch.cat((tokens[:, :1], tokens[:, 5:]), dim=1)
+    torch.testing.assert_close(without_registers, plain.prepare_tokens(x))
+    assert not torch.allclose(model(x), plain(x))  # the registers take part in attention
+
+
+def test_registers_are_left_out_of_attention_maps_layers_and_patch_features():
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16, num_register_tokens=3).eval()
+    with torch.no_grad():
+        model.register_tokens.normal_()
+    x = torch.randn(2, 3, 64, 96)  # 4 x 6 patches
+    attention = model.get_last_selfattention(x)
+    assert attention.shape == (2, 3, 25, 25)
+    tokens = model.prepare_tokens(x)
+    for block in model.blocks[:-1]:
+        tokens = block(tokens)
+    full = model.blocks[-1](tokens, return_attention=True)
+    keep = [0] + list(range(4, 28))
+    torch.testing.assert_close(attention, full[:, :, keep][:, :, :, keep])
+    assert torch.all(attention.sum(-1) < 1)  # the registers' share of every row is gone
+    layers = model.get_intermediate_layers(x, n=2)
+    assert [layer.shape for layer in layers] == [(2, 25, 192)] * 2
+    cls_token, patch_tokens = model.forward_features(x)
+    torch.testing.assert_close(cls_token, model(x))
+    torch.testing.assert_close(patch_tokens, layers[-1][:, 1:])
+
+
+def test_mask_token_replaces_masked_patches_before_their_positions():
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16, use_mask_token=True, num_register_tokens=1).eval()
+    assert tuple(model.state_dict()["mask_token"].shape) == (1, 192)
+    nn.init.normal_(model.mask_token)
+    x = torch.randn(2, 3, 32, 32)  # 2 x 2 patches
+    masks = torch.tensor([[True, False, False, True], [False] * 4])
+    tokens, intact = model.prepare_tokens(x, masks), model.prepare_tokens(x)
+    positions = model.interpolate_pos_encoding(tokens, 32, 32)[0, 1:]
+    torch.testing.assert_close(tokens[0, 2], model.mask_token[0] + positions[0])
+    torch.testing.assert_close(tokens[0, 5], model.mask_token[0] + positions[3])
+    torch.testing.assert_close(tokens[0, 3:5], intact[0, 3:5])
+    torch.testing.assert_close(tokens[1], intact[1])
+
+
+def test_vit_large_has_dinov2_width_depth_heads_and_patch_14():
+    with torch.device("meta"):
+        model = vits.vit_large()
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads,
+            model.patch_embed.patch_size) == (1024, 24, 16, 14)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == reference_vit_layout(
+        1024, 14, depth=24)
+    dim, tokens = 1024, (224 // 14) ** 2 + 1
+    per_block = 12 * dim * dim + 13 * dim
+    expected = dim + tokens * dim + 3 * 14 * 14 * dim + dim + 24 * per_block + 2 * dim
+    # DINOv2 counts 304.4M: its position embedding is for 518 px and it has LayerScale.
+    assert sum(p.numel() for p in model.parameters()) == expected == 303_178_752
