@@ -1,10 +1,11 @@
 """Step-time cost of main_dino's DINOv2-era switches, side by side in one process.
 
 Times main_dino.training_step itself (forward, losses, backward, optimizer, EMA) on synthetic
-crops for the v1 configuration and for each switch on its own, and prints seconds per
-iteration and the ratio to v1. The distillation teacher is a randomly initialised
---teacher_arch written as a main_dino checkpoint; "fsdp" shards over the processes of the run
-(one, without a launcher: the wrapping overhead alone).
+crops for the v1 configuration and for each switch on its own, and prints the median seconds
+per iteration and the ratio to v1. All configurations are built first and then step in turn,
+one step each per round, so that drifts of a shared machine hit them alike. The distillation
+teacher is a randomly initialised --teacher_arch written as a main_dino checkpoint; "fsdp"
+shards over the processes of the run (one, without a launcher: the wrapping overhead alone).
 
 Example (CPU): python -m benchmarks.switch_speed --arch vit_tiny --patch_size 16 --out_dim 4096 \
     --batch_size 16 --global_crops_size 96 --local_crops_size 48 --local_crops_number 4
@@ -12,6 +13,7 @@ Example (CPU): python -m benchmarks.switch_speed --arch vit_tiny --patch_size 16
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from typing import Dict, List
@@ -52,10 +54,8 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--teacher_arch", default="vit_small",
                         help="architecture of the distillation teacher")
     parser.add_argument("--switches", nargs="+", default=list(SWITCHES), choices=list(SWITCHES))
-    parser.add_argument("--iters", type=int, default=6, help="timed iterations per switch")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per switch")
     parser.add_argument("--warmup_iters", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="passes over all switches; each switch reports its fastest pass")
     parser.add_argument("--json", default="", help="write the results to this file")
     return parser.parse_args()
 
@@ -83,23 +83,15 @@ def write_teacher(bench: argparse.Namespace, folder: str) -> str:
     return path
 
 
-def time_switch(bench: argparse.Namespace, flags: List[str], device: torch.device) -> float:
-    """Seconds per training step (the fastest of --rounds is kept by the caller)."""
-    total = bench.warmup_iters + bench.iters
-    args = switch_args(bench, flags)
-    training = main_dino.build_training(args, device, iters_per_epoch=total)
-    sizes = [bench.global_crops_size] * 2 + [bench.local_crops_size] * bench.local_crops_number
-    crops = [torch.randn(bench.batch_size, 3, size, size, device=device) for size in sizes]
-    start = 0.0
-    for it in range(total):
-        if it == bench.warmup_iters:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-        main_dino.set_schedules(training.optimizer, training.schedules, it)
-        values = main_dino.training_step(training, crops, 0, it)
-    float(values["loss"])  # waits for the device
-    return (time.perf_counter() - start) / bench.iters
+def timed_step(training: main_dino.DinoTraining, crops: List[torch.Tensor], it: int,
+               device: torch.device) -> float:
+    """Seconds of one training step, the device synchronised on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    main_dino.set_schedules(training.optimizer, training.schedules, it)
+    float(main_dino.training_step(training, crops, 0, it)["loss"])  # waits for the device
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -107,14 +99,21 @@ def main() -> None:
     init_args = argparse.Namespace(dist_url="env://")
     utils.init_distributed_mode(init_args)
     device = utils.device_of(init_args)
-    seconds: Dict[str, float] = {}
+    total = bench.warmup_iters + bench.iters
     with tempfile.TemporaryDirectory() as folder:
         teacher = write_teacher(bench, folder) if "distill" in bench.switches else ""
-        for _ in range(bench.rounds):
-            for name in bench.switches:
-                flags = [flag.format(teacher=teacher) for flag in SWITCHES[name]]
-                step = time_switch(bench, flags, device)
-                seconds[name] = min(seconds.get(name, step), step)
+        trainings = {name: main_dino.build_training(
+            switch_args(bench, [flag.format(teacher=teacher) for flag in SWITCHES[name]]),
+            device, iters_per_epoch=total) for name in bench.switches}
+    sizes = [bench.global_crops_size] * 2 + [bench.local_crops_size] * bench.local_crops_number
+    crops = [torch.randn(bench.batch_size, 3, size, size, device=device) for size in sizes]
+    steps: Dict[str, List[float]] = {name: [] for name in trainings}
+    for it in range(total):
+        for name, training in trainings.items():
+            step = timed_step(training, crops, it, device)
+            if it >= bench.warmup_iters:
+                steps[name].append(step)
+    seconds = {name: statistics.median(times) for name, times in steps.items()}
     v1 = seconds.get("v1")
     print(f"{'switch':<18}{'s/iter':>9}{'img/s':>9}{'x v1':>7}")
     for name, step in seconds.items():
