@@ -347,4 +347,6 @@ class MaskedMultiCropWrapper(utils.MultiCropWrapper):
         features = [global_cls]
         if len(crops) > 2:
             features.append(self.backbone_features(crops[2:]))
-        return MultiCropOutputs(self.head(torch.cat(features)), global_cls, patch_logits)
+        # A copy, not a view of the token sequence: FSDP warns about views among its outputs.
+        return MultiCropOutputs(self.head(torch.cat(features)), global_cls.contiguous(),
+                                patch_logits)
