@@ -61,6 +61,15 @@ def test_defaults_train_exactly_as_before_the_switches(single_process_group):
         -0.14724357763770968, rel=1e-6)
 
 
+def test_collapse_warning_reads_the_dino_part_of_a_summed_loss(capsys):
+    uniform = math.log(256)
+    healthy = {"teacher_entropy": 1.0, "teacher_kl": 1.0}
+    main_dino.warn_on_collapse({"loss": uniform + 2.0, "dino_loss": uniform, **healthy}, 256)
+    assert "the loss 5.5452 sits at ln(out_dim)" in capsys.readouterr().out
+    main_dino.warn_on_collapse({"loss": uniform, "dino_loss": 2.0, **healthy}, 256)
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--num_register_tokens", "2", "--arch", "resnet18"], "needs a ViT, not resnet18"),
     (["--ibot_loss_weight", "1", "--arch", "resnet18"], "use a ViT, not resnet18"),
