@@ -55,8 +55,8 @@ def prepare_output_dir(output_dir: str) -> None:
             os.fsync(probe_file.fileno())
         os.remove(probe)
     except OSError as error:
-        raise utils.write_error(probe if os.path.isdir(output_dir) else output_dir,
-                                error) from error
+        raise utils.InputError(f"--output_dir {output_dir!r} is not writable: "
+                               f"{utils.write_failure_cause(probe, error)}") from error
 
 
 def remove_stale_temporaries(output_dir: str) -> None:

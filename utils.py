@@ -2,10 +2,13 @@
 schedules and optimisation, model wrappers, data, checkpoints and weights, logging, evaluation.
 """
 import argparse
+import atexit
 import builtins
 import datetime
+import errno
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -603,10 +606,21 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C, SIGTERM and SIGUSR1/2 to the main process, which stops
-    at the end of the iteration; otherwise a signal sent to the process group kills the
-    workers and the iteration with them."""
+    at the end of the iteration; otherwise a signal sent to the whole process group (Ctrl-C,
+    Slurm) kills the workers and the iteration with them."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def kill_daemon_children() -> None:
+    """At exit, end the DataLoader workers that an exception on its way out kept alive: they
+    ignore SIGTERM, so multiprocessing's own exit handler (terminate, then join) would wait
+    for them forever. Registered after it, this handler runs first."""
+    # torch's SIGCHLD handler would report each of them as a failed worker.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -636,19 +650,29 @@ def save_on_master(obj, path: str) -> None:
 
 
 def write_error(path: str, error: BaseException) -> InputError:
-    """A one-line InputError for a failed write of `path`, naming the cause ("no space left on
-    device", "permission denied", ...) even when torch wraps the OSError in a RuntimeError."""
-    cause, link = None, error
-    while cause is None and link is not None:
+    """A one-line InputError for a failed write of `path`, naming the cause."""
+    cause = write_failure_cause(path, error)
+    advice = "choose another --output_dir"
+    if cause in DISK_FULL_CAUSES:
+        advice = f"free some space, or {advice}"
+    return InputError(f"cannot write {path!r}: {cause} ({advice})")
+
+
+DISK_FULL_CAUSES = (os.strerror(errno.ENOSPC).lower(), os.strerror(errno.EDQUOT).lower())
+
+
+def write_failure_cause(path: str, error: BaseException) -> str:
+    """"no space left on device", "permission denied", ... from the OSError behind `error`, even
+    when torch wraps it in a RuntimeError that does not say; else the error's first line."""
+    link = error
+    while link is not None:
         if isinstance(link, OSError) and link.errno:
-            cause = os.strerror(link.errno).lower()
+            return os.strerror(link.errno).lower()
         link = link.__cause__ or link.__context__
     folder = os.path.dirname(os.path.abspath(path))
-    if cause is None and os.path.isdir(folder) and shutil.disk_usage(folder).free < 2 ** 20:
-        cause = "no space left on device"
-    cause = cause or (str(error).splitlines() or [type(error).__name__])[0]
-    return InputError(f"cannot write {path!r}: {cause} (free some space, or choose another "
-                      "--output_dir)")
+    if os.path.isdir(folder) and shutil.disk_usage(folder).free < 2 ** 20:
+        return DISK_FULL_CAUSES[0]
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def load_checkpoint_file(path: str) -> dict:
@@ -1024,6 +1048,9 @@ def build_pretraining_loader(dataset: torch.utils.data.Dataset,
         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
         persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(args.seed))
+    if args.num_workers > 0:
+        atexit.unregister(kill_daemon_children)
+        atexit.register(kill_daemon_children)
     if len(loader) == 0:
         per_step = f"{args.batch_size_per_gpu} per process" if batches_per_step == 1 else \
             f"{args.batch_size_per_gpu} x {batches_per_step} (--grad_accum_steps) per process"
