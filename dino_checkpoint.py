@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import glob
 import os
 import random
@@ -177,7 +178,8 @@ class StopSignals:
     boundary (a second one stops at once). All ranks learn of a request in the same iteration.
     """
 
-    def __init__(self):
+    def __init__(self, timeout_minutes: Optional[float] = None):
+        self.timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
         self.signum: Optional[int] = None  # the signal this process received
         self.stopping = False  # whether the ranks agreed to stop
         self.previous: Dict[int, object] = {}
@@ -194,15 +196,12 @@ class StopSignals:
         if utils.get_world_size() > 1:
             # A CPU group of its own, so that agreeing never waits for the GPU or the training's
             # collectives.
-            self.group = dist.new_group(backend="gloo")
+            self.group = dist.new_group(backend="gloo", timeout=self.timeout)
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        if self.work is not None:
-            try:
-                self.work.wait()
-            except RuntimeError:  # a rank is gone: the exception on its way says so
-                pass
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if self.work is not None and exc_type is None:
+            self.work.wait()  # the last exchange, so that nothing is left in flight
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 

@@ -278,7 +278,7 @@ def train_dino(args: argparse.Namespace) -> None:
 
     start_time = time.time()
     print("Starting DINO training !")
-    with dino_checkpoint.StopSignals() as stop_signals:
+    with dino_checkpoint.StopSignals(args.dist_timeout_minutes) as stop_signals:
         checkpoints = dino_checkpoint.Checkpoints(
             args.output_dir, args.saveckp_freq, args.saveckp_iters,
             lambda resume_epoch: checkpoint_state(training, resume_epoch, args), layout,
@@ -415,8 +415,8 @@ def train_one_epoch(training: DinoTraining, data_loader: torch.utils.data.DataLo
         crops = (prepare_crops(batch) for batch, _ in micro_batches)
         pending.append(PendingStats(step, lr, wd, training_step(training, crops, epoch, it)))
         skipped += sum(int(skipped_in_batch.sum()) for _, skipped_in_batch in micro_batches)
-        if step % PRINT_FREQ == 0 or step == last_step:
-            record_pending(metric_logger, pending, epoch)
+        if step % PRINT_FREQ == 0 or step in (progress.iteration, last_step):
+            record_pending(metric_logger, pending, epoch)  # log_every prints these steps
         if checkpoints is not None and step < last_step and checkpoints.due(it):
             record_pending(metric_logger, pending, epoch)
             checkpoints.save_mid_epoch(epoch, dino_checkpoint.EpochProgress(

@@ -970,7 +970,7 @@ class MetricLogger:
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
-            if i % print_freq == 0 or i == total - 1:
+            if i % print_freq == 0 or i == first or i == total - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
                 memory = torch.cuda.max_memory_allocated() / 2 ** 20 \
                     if torch.cuda.is_available() else 0
