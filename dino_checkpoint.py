@@ -212,8 +212,11 @@ class StopSignals:
                 raise KeyboardInterrupt
             raise SystemExit(SIGNAL_EXIT_BASE + signum)
         self.signum = signum
-        print(f"{signal_name(signum)} received: saving a checkpoint at the end of this iteration, "
-              "then stopping (send it again to stop at once).", flush=True)
+        if utils.is_main_process():
+            # Straight to the file descriptor: print() is not safe inside a signal handler (it
+            # may interrupt another print to the same buffered stream).
+            os.write(2, f"{signal_name(signum)} received: saving a checkpoint at the end of this "
+                        "iteration, then stopping (send it again to stop at once).\n".encode())
 
     def requested(self) -> bool:
         """Whether any rank was asked to stop: the same answer on every rank (call it at the same

@@ -20,6 +20,7 @@ import dino_checkpoint
 import main_dino
 import utils
 import vision_transformer as vits
+from benchmarks import resume_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -302,7 +303,7 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert got[2] == expected[2]
 
 
-def test_stop_signal_is_noted_then_a_second_one_stops_at_once(capsys):
+def test_stop_signal_is_noted_then_a_second_one_stops_at_once(capfd):
     handed_over = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: handed_over.append(signum))
     sigterm_handler = signal.getsignal(signal.SIGTERM)
@@ -311,7 +312,7 @@ def test_stop_signal_is_noted_then_a_second_one_stops_at_once(capsys):
             assert not stop.requested()
             os.kill(os.getpid(), signal.SIGUSR2)
             assert stop.requested() and stop.signum == signal.SIGUSR2
-            assert "SIGUSR2 received: saving a checkpoint" in capsys.readouterr().out
+            assert "SIGUSR2 received: saving a checkpoint" in capfd.readouterr().err
             stopped = stop.stop("at epoch 1, iteration 5")
             with pytest.raises(SystemExit) as exit_info:
                 os.kill(os.getpid(), signal.SIGUSR2)
@@ -433,39 +434,13 @@ def test_frozen_backbone_gets_no_gradient_and_heads_do():
 # End to end: kills, signals and resumes give the uninterrupted run's weights, bit for bit
 # ------------------------------------------------------------------------------------------------
 
-RESUME_RUN = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16",
-              "--local_crops_size", "8", "--local_crops_number", "2", "--out_dim", "64",
-              "--batch_size_per_gpu", "8", "--warmup_epochs", "1", "--lr", "0.001",
-              "--epochs", "2", "--num_workers", "2", "--saveckp_iters", "4"]
+RESUME_RUN = resume_check.TINY_RUN  # with --saveckp_iters 4 and 2 DataLoader workers
 ITERS_PER_EPOCH, ITERS = 6, 12  # 48 images / 8 per batch, 2 epochs
-
-# main_dino, with a signal sent at the end of global iteration $STOP_AT ($STOP_HOW: a signal to
-# this process, or "group:SIGINT" to its whole process group, as Ctrl-C in a terminal).
-STOPPING_RUNNER = """
-import argparse, os, signal, sys
-import main_dino, utils
-stop_at, how = int(os.environ["STOP_AT"]), os.environ["STOP_HOW"]
-original = main_dino.training_step
-def training_step(training, micro_batches, epoch, it):
-    values = original(training, micro_batches, epoch, it)
-    if it == stop_at:
-        if how.startswith("group:"):
-            os.killpg(0, getattr(signal, how[len("group:"):]))
-        else:
-            os.kill(os.getpid(), getattr(signal, how))
-    return values
-main_dino.training_step = training_step
-parser = argparse.ArgumentParser(parents=[main_dino.get_args_parser()])
-utils.run_cli(main_dino.main, parser.parse_args(sys.argv[1:]))
-"""
 
 
 def run_stopping(data, output_dir, *extra, stop_at=-1, how="SIGKILL"):
-    command = [sys.executable, "-c", STOPPING_RUNNER, "--data_path", str(data),
-               "--output_dir", str(output_dir), *RESUME_RUN, *extra]
-    env = {**os.environ, "STOP_AT": str(stop_at), "STOP_HOW": how}
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=env, start_new_session=True)
+    flags = ["--data_path", str(data), "--output_dir", str(output_dir), *RESUME_RUN, *extra]
+    return resume_check.run_stopping(flags, stop_at, how)
 
 
 @pytest.fixture(scope="module")
@@ -523,12 +498,11 @@ def test_killed_at_a_random_iteration_resumes_bit_identical(digits_48, uninterru
 def test_sigterm_mid_epoch_saves_and_stops_cleanly(digits_48, tmp_path):
     stopped = run_stopping(digits_48, tmp_path, stop_at=7, how="SIGTERM")
     assert stopped.returncode == 128 + signal.SIGTERM
-    assert stopped.stdout.strip().splitlines()[-2:] == [
-        "SIGTERM received: saving a checkpoint at the end of this iteration, then stopping (send "
-        "it again to stop at once).",
+    assert stopped.stdout.strip().splitlines()[-1] == (
         "Stopped by SIGTERM at epoch 1, iteration 2; checkpoint.pth holds the run: run the same "
-        "command again to resume it."]
-    assert stopped.stderr == ""
+        "command again to resume it.")
+    assert stopped.stderr == ("SIGTERM received: saving a checkpoint at the end of this "
+                              "iteration, then stopping (send it again to stop at once).\n")
     checkpoint = utils.load_checkpoint_file(str(tmp_path / "checkpoint.pth"))
     assert list(checkpoint) == ["student", "teacher", "optimizer", "epoch", "args", "dino_loss",
                                 "mid_epoch"]

@@ -102,3 +102,27 @@ def test_lr_is_scaled_by_the_effective_batch(monkeypatch):
 def test_step_batches_group_the_loader_batches():
     steps = utils.StepBatches(list(range(6)), per_step=3)
     assert len(steps) == 2 and list(steps) == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.slow
+def test_a_run_with_accumulation_equals_the_big_batch_run(tmp_path):
+    from sample_data import write_digits_folder
+    from benchmarks import resume_check
+
+    data = write_digits_folder(str(tmp_path / "data"), size=32, limit=48)
+    checkpoints = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        output_dir = tmp_path / f"accumulate{accumulation}"
+        flags = ["--data_path", data, "--output_dir", str(output_dir), *resume_check.TINY_RUN,
+                 "--epochs", "1", "--warmup_epochs", "0", "--optimizer", "sgd", "--lr", "20",
+                 "--drop_path_rate", "0", "--batch_size_per_gpu", str(batch),
+                 "--grad_accum_steps", str(accumulation)]
+        run = resume_check.run_stopping(flags)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "Epoch: [0/1]  [5/6]" in run.stdout  # 48 images, 8 per optimizer step
+        checkpoints.append(utils.load_checkpoint_file(str(output_dir / "checkpoint.pth")))
+    whole, accumulated = checkpoints
+    for key in ("student", "teacher", "dino_loss"):
+        for name, value in whole[key].items():
+            torch.testing.assert_close(accumulated[key][name], value, rtol=0, atol=1e-6,
+                                       msg=f"{key} {name}")
