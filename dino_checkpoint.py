@@ -174,7 +174,7 @@ class TrainingStopped(Exception):
 
 
 class StopSignals:
-    """While active, SIGTERM, SIGUSR1/2 and Ctrl-C ask the run to stop at the next iteration
+    """Once installed, SIGTERM, SIGUSR1/2 and Ctrl-C ask the run to stop at the next iteration
     boundary (a second one stops at once). All ranks learn of a request in the same iteration.
     """
 
@@ -187,7 +187,7 @@ class StopSignals:
         self.flag: Optional[torch.Tensor] = None
         self.work = None
 
-    def __enter__(self) -> "StopSignals":
+    def install(self) -> "StopSignals":
         for signum in STOP_SIGNALS:
             try:
                 self.previous[signum] = signal.signal(signum, self.handle)
@@ -199,9 +199,10 @@ class StopSignals:
             self.group = dist.new_group(backend="gloo", timeout=self.timeout)
         return self
 
-    def __exit__(self, exc_type, exc_value, traceback) -> None:
-        if self.work is not None and exc_type is None:
-            self.work.wait()  # the last exchange, so that nothing is left in flight
+    def uninstall(self) -> None:
+        """Wait for the last exchange between ranks and give the signals their old handlers."""
+        if self.work is not None:
+            self.work.wait()
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 

@@ -278,23 +278,22 @@ def train_dino(args: argparse.Namespace) -> None:
 
     start_time = time.time()
     print("Starting DINO training !")
-    with dino_checkpoint.StopSignals(args.dist_timeout_minutes) as stop_signals:
-        checkpoints = dino_checkpoint.Checkpoints(
-            args.output_dir, args.saveckp_freq, args.saveckp_iters,
-            lambda resume_epoch: checkpoint_state(training, resume_epoch, args), layout,
-            stop_signals)
-        for epoch in range(start.epoch, args.epochs):
-            progress = start.progress if epoch == start.epoch else None
-            begin_epoch(epoch, progress, args, data_loader, prepare_crops)
-            stats = train_one_epoch(training, data_loader, prepare_crops, epoch, progress,
-                                    checkpoints)
-            if stats["skipped_images"]:
-                print(f"Warning: {stats['skipped_images']} unreadable images were skipped in "
-                      f"epoch {epoch}.")
-            warn_on_collapse(stats, args.out_dim)
-            # The log line goes first: a resumed run drops lines of epochs it redoes.
-            utils.append_json_line(log_path, epoch_log_record(stats, epoch))
-            checkpoints.save_epoch_end(epoch)
+    stop_signals = dino_checkpoint.StopSignals(args.dist_timeout_minutes).install()
+    checkpoints = dino_checkpoint.Checkpoints(
+        args.output_dir, args.saveckp_freq, args.saveckp_iters,
+        lambda resume_epoch: checkpoint_state(training, resume_epoch, args), layout, stop_signals)
+    for epoch in range(start.epoch, args.epochs):
+        progress = start.progress if epoch == start.epoch else None
+        begin_epoch(epoch, progress, args, data_loader, prepare_crops)
+        stats = train_one_epoch(training, data_loader, prepare_crops, epoch, progress, checkpoints)
+        if stats["skipped_images"]:
+            print(f"Warning: {stats['skipped_images']} unreadable images were skipped in epoch "
+                  f"{epoch}.")
+        warn_on_collapse(stats, args.out_dim)
+        # The log line goes first: a resumed run drops lines of epochs it redoes.
+        utils.append_json_line(log_path, epoch_log_record(stats, epoch))
+        checkpoints.save_epoch_end(epoch)
+    stop_signals.uninstall()
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
 
@@ -650,18 +649,29 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """EMA of the teacher's mean output over the step: every micro-batch, every rank."""
-        batch_sum = teacher_output.float().sum(dim=0, keepdim=True)
-        self.step_sum = batch_sum if self.step_sum is None else self.step_sum + batch_sum
-        self.step_rows += len(teacher_output)
+        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        rows = len(teacher_output)
+        if self.micro_batches > 1:
+            batch_center, rows = self.add_micro_batch(batch_center, rows)
+            if batch_center is None:
+                return
+        if utils.is_dist_avail_and_initialized():
+            dist.all_reduce(batch_center)
+        batch_center = batch_center / (rows * utils.get_world_size())
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+    def add_micro_batch(self, teacher_sum: torch.Tensor,
+                        rows: int) -> Tuple[Optional[torch.Tensor], int]:
+        """Add one micro-batch's teacher sum: the step's (sum, rows) after its last one, else
+        (None, 0)."""
+        self.step_sum = teacher_sum if self.step_sum is None else self.step_sum + teacher_sum
+        self.step_rows += rows
         self.micro_batches_seen += 1
         if self.micro_batches_seen < self.micro_batches:
-            return
-        step_center, rows = self.step_sum, self.step_rows
+            return None, 0
+        step_sum, step_rows = self.step_sum, self.step_rows
         self.step_sum, self.step_rows, self.micro_batches_seen = None, 0, 0
-        if utils.is_dist_avail_and_initialized():
-            dist.all_reduce(step_center)
-        step_center = step_center / (rows * utils.get_world_size())
-        self.center.mul_(self.center_momentum).add_(step_center, alpha=1 - self.center_momentum)
+        return step_sum, step_rows
 
 
 @torch.no_grad()

@@ -308,15 +308,16 @@ def test_stop_signal_is_noted_then_a_second_one_stops_at_once(capfd):
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: handed_over.append(signum))
     sigterm_handler = signal.getsignal(signal.SIGTERM)
     try:
-        with dino_checkpoint.StopSignals() as stop:
-            assert not stop.requested()
+        stop = dino_checkpoint.StopSignals().install()
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.requested() and stop.signum == signal.SIGUSR2
+        assert "SIGUSR2 received: saving a checkpoint" in capfd.readouterr().err
+        stopped = stop.stop("at epoch 1, iteration 5")
+        with pytest.raises(SystemExit) as exit_info:
             os.kill(os.getpid(), signal.SIGUSR2)
-            assert stop.requested() and stop.signum == signal.SIGUSR2
-            assert "SIGUSR2 received: saving a checkpoint" in capfd.readouterr().err
-            stopped = stop.stop("at epoch 1, iteration 5")
-            with pytest.raises(SystemExit) as exit_info:
-                os.kill(os.getpid(), signal.SIGUSR2)
-            assert exit_info.value.code == 128 + signal.SIGUSR2
+        assert exit_info.value.code == 128 + signal.SIGUSR2
+        stop.uninstall()
         assert str(stopped) == ("Stopped by SIGUSR2 at epoch 1, iteration 5; checkpoint.pth "
                                 "holds the run: run the same command again to resume it.")
         assert stopped.exit_status == 128 + signal.SIGUSR2
