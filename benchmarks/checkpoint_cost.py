@@ -37,17 +37,17 @@ def get_args() -> argparse.Namespace:
 
 def trained_bundle(bench: argparse.Namespace, device: torch.device
                    ) -> Tuple[main_dino.DinoTraining, argparse.Namespace]:
-    """main_dino's training bundle (and flags) after one step, so that AdamW holds its
-    moments."""
+    """main_dino's training bundle (and flags) after one step past --freeze_last_layer, so that
+    AdamW holds the moments of every parameter, as for most of a run."""
     args = main_dino.get_args_parser().parse_args(
         ["--arch", bench.arch, "--patch_size", str(bench.patch_size), "--out_dim",
-         str(bench.out_dim), "--epochs", "1", "--warmup_epochs", "0", "--use_fp16", "false"])
+         str(bench.out_dim), "--epochs", "2", "--warmup_epochs", "0", "--use_fp16", "false"])
     args.gpu, args.compile = 0, False
     training = main_dino.build_training(args, device, iters_per_epoch=10)
     side = 2 * bench.patch_size
     crops = [torch.randn(2, 3, side, side, device=device) for _ in range(2)]
-    main_dino.set_schedules(training.optimizer, training.schedules, 1)
-    main_dino.training_step(training, [crops], 0, 1)
+    main_dino.set_schedules(training.optimizer, training.schedules, 11)
+    main_dino.training_step(training, [crops], 1, 11)
     return training, args
 
 
