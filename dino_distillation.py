@@ -40,13 +40,6 @@ def add_distillation_args(parser: argparse.ArgumentParser) -> None:
                              "it is frozen too.")
 
 
-def check_distillation_args(args: argparse.Namespace) -> None:
-    if not args.distill_from:
-        return
-    if args.distill_head_warmup_epochs < 0:
-        raise utils.InputError("--distill_head_warmup_epochs must be >= 0")
-
-
 class TeacherWeights(NamedTuple):
     """What a --distill_from file holds, split by part."""
     arch: str

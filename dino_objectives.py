@@ -51,8 +51,6 @@ def add_objective_args(parser: argparse.ArgumentParser) -> None:
 def check_objective_args(args: argparse.Namespace) -> None:
     """Reject settings the objectives cannot run with, in one line each."""
     low, high = args.ibot_mask_ratio
-    if args.koleo_loss_weight < 0 or args.ibot_loss_weight < 0:
-        raise utils.InputError("--koleo_loss_weight and --ibot_loss_weight must be >= 0")
     if not 0 <= low <= high <= 1:
         raise utils.InputError(f"--ibot_mask_ratio {low} {high}: give MIN <= MAX within [0, 1]")
     if not 0 <= args.ibot_mask_probability <= 1:
@@ -89,13 +87,16 @@ class Objectives:
     mask_sampler: Optional["MaskSampler"]
     patch_size: int
 
-    def sample_masks(self, first_global_crops: torch.Tensor, it: int) -> Optional["PatchMasks"]:
-        """Masks for the student's global crops (both views: 2 x batch images), or None."""
+    def sample_masks(self, first_global_crops: torch.Tensor, draw: int
+                     ) -> Optional["PatchMasks"]:
+        """Masks for the student's global crops (both views: 2 x batch images), or None; `draw`
+        numbers the micro-batch in the run."""
         if self.mask_sampler is None:
             return None
         height, width = first_global_crops.shape[-2:]
         grid = (height // self.patch_size, width // self.patch_size)
-        return self.mask_sampler(2 * len(first_global_crops), grid, it, first_global_crops.device)
+        return self.mask_sampler(2 * len(first_global_crops), grid, draw,
+                                 first_global_crops.device)
 
 
 def build_objectives(args: argparse.Namespace, device: torch.device) -> Objectives:
@@ -104,7 +105,8 @@ def build_objectives(args: argparse.Namespace, device: torch.device) -> Objectiv
         else args.out_dim
     return Objectives(
         args.koleo_loss_weight, args.ibot_loss_weight,
-        IBOTPatchLoss(ibot_out_dim, centering=args.centering).to(device) if ibot else None,
+        IBOTPatchLoss(ibot_out_dim, centering=args.centering,
+                      micro_batches=args.grad_accum_steps).to(device) if ibot else None,
         MaskSampler(args.ibot_mask_ratio, args.ibot_mask_probability, args.seed) if ibot else None,
         args.patch_size)
 
@@ -234,7 +236,8 @@ class MaskSampler:
 
     int(images * probability) crops are masked, the i-th with a patch fraction drawn from the
     i-th of equal slices of [ratio_min, ratio_max]; then the crops are shuffled. The draw
-    depends only on (seed, rank, iteration), so a resumed run masks exactly the same patches.
+    depends only on (seed, rank, micro-batch number), so a resumed run masks exactly the same
+    patches.
     """
 
     def __init__(self, ratio: Sequence[float], probability: float, seed: int):
@@ -242,9 +245,9 @@ class MaskSampler:
         self.probability = probability
         self.seed = seed
 
-    def __call__(self, images: int, grid: Tuple[int, int], it: int, device: torch.device
+    def __call__(self, images: int, grid: Tuple[int, int], draw: int, device: torch.device
                  ) -> PatchMasks:
-        rng = np.random.default_rng((self.seed, utils.get_rank(), it))
+        rng = np.random.default_rng((self.seed, utils.get_rank(), draw))
         patches = grid[0] * grid[1]
         masked_images = int(images * self.probability)
         bounds = np.linspace(self.ratio_min, self.ratio_max, masked_images + 1)
@@ -271,16 +274,19 @@ class IBOTPatchLoss(nn.Module):
     masked-token logits over all ranks (unused with Sinkhorn-Knopp).
 
     Each image's masked tokens are averaged, then the images are averaged (unmasked images
-    count as zero), as DINOv2 does.
+    count as zero), as DINOv2 does. With gradient accumulation the centre moves once per
+    optimizer step, as DINOLoss's.
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "centering"):
+                 centering: str = "centering", micro_batches: int = 1):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.micro_batches = micro_batches
+        self.step_totals: List[torch.Tensor] = []  # [logit sums..., count] of the step so far
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 patch_masks: PatchMasks, teacher_temp: float) -> torch.Tensor:
@@ -300,7 +306,11 @@ class IBOTPatchLoss(nn.Module):
         numbers of them); no change when no token was masked anywhere."""
         logits = teacher_logits.float()
         count = logits.new_full((1, 1), float(len(logits)))
-        totals = torch.cat((logits.sum(dim=0, keepdim=True), count), dim=1)
+        self.step_totals.append(torch.cat((logits.sum(dim=0, keepdim=True), count), dim=1))
+        if len(self.step_totals) < self.micro_batches:
+            return
+        totals = torch.stack(self.step_totals).sum(dim=0)
+        self.step_totals = []
         if utils.is_dist_avail_and_initialized():
             dist.all_reduce(totals)
         batch_center = totals[:, :-1] / totals[:, -1:].clamp_min(1.0)

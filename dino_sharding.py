@@ -9,7 +9,8 @@ the keys of the unsharded run (`module.` for the student), so eval_knn.py, hubco
 reference code and an unsharded run all load them; a sharded run resumes from either kind.
 """
 import argparse
-from typing import Any, Dict, List, Optional
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -52,7 +53,8 @@ def shard(network: nn.Module, param_dtype: Optional[torch.dtype], compile_blocks
     """fully_shard every block of `network.backbone`, then the whole network (heads included).
 
     With compile_blocks, each block's attention and MLP are compiled: they carry no FSDP hooks,
-    so the compiled graphs never contain the all-gathers, and the state_dict keys stay.
+    so the compiled graphs never contain the all-gathers, and the state_dict keys stay. Every
+    module then loads whole tensors too (a checkpoint, --init_from), split over the ranks.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -63,7 +65,18 @@ def shard(network: nn.Module, param_dtype: Optional[torch.dtype], compile_blocks
             block.attn.compile(dynamic=False)
             block.mlp.compile(dynamic=False)
     fully_shard(network, mp_policy=policy)
+    for module in network.modules():
+        module.register_load_state_dict_pre_hook(_shard_whole_tensors)
     return network
+
+
+def _shard_whole_tensors(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: whole tensors for the module's own sharded parameters are
+    split over the ranks as the parameters are (collective: every rank loads alike)."""
+    for name, param in module.named_parameters(recurse=False):
+        key = prefix + name
+        if key in state_dict and not hasattr(state_dict[key], "device_mesh"):
+            state_dict[key] = shard_like(state_dict[key], param)
 
 
 class ShardedNetwork(nn.Module):
@@ -81,17 +94,23 @@ class ShardedNetwork(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """As DDP's: gradients accumulate on each rank, reduced after the context."""
+        self.module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+
     def state_dict(self, *args, **kwargs) -> Dict[str, torch.Tensor]:
         return {self.key_prefix + name: whole_tensor(value)
                 for name, value in self.module.state_dict().items()}
 
     def load_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True):
-        current = self.module.state_dict()
         own = {name[len(self.key_prefix):]: value for name, value in state_dict.items()
                if name.startswith(self.key_prefix)}
-        sharded = {name: shard_like(value, current[name]) if name in current else value
-                   for name, value in own.items()}
-        return self.module.load_state_dict(sharded, strict=strict)
+        return self.module.load_state_dict(own, strict=strict)
 
 
 class ShardedOptimizerState:

@@ -90,7 +90,7 @@ def timed_step(training: main_dino.DinoTraining, crops: List[torch.Tensor], it: 
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     main_dino.set_schedules(training.optimizer, training.schedules, it)
-    float(main_dino.training_step(training, crops, 0, it)["loss"])  # waits for the device
+    float(main_dino.training_step(training, [crops], 0, it)["loss"])  # waits for the device
     return time.perf_counter() - start
 
 

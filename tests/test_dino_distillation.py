@@ -23,7 +23,7 @@ def train_steps(training, steps, iters_per_epoch=2):
         crops = ([torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)]
                  + [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)])
         main_dino.set_schedules(training.optimizer, training.schedules, it)
-        values.append(main_dino.training_step(training, crops, it // iters_per_epoch, it))
+        values.append(main_dino.training_step(training, [crops], it // iters_per_epoch, it))
     return values
 
 

@@ -154,7 +154,7 @@ def test_block_mask_counts_and_rectangles():
 
 def test_mask_sampler_follows_dinov2_batch_rules_and_is_deterministic():
     sampler = dino_objectives.MaskSampler((0.1, 0.5), probability=0.5, seed=7)
-    patch_masks = sampler(images=8, grid=(6, 6), it=3, device=torch.device("cpu"))
+    patch_masks = sampler(images=8, grid=(6, 6), draw=3, device=torch.device("cpu"))
     masks = patch_masks.masks
     counts = masks.sum(dim=1)
     assert masks.shape == (8, 36) and masks.dtype == torch.bool
@@ -163,7 +163,7 @@ def test_mask_sampler_follows_dinov2_batch_rules_and_is_deterministic():
     torch.testing.assert_close(patch_masks.indices, masks.reshape(-1).nonzero().squeeze(1))
     torch.testing.assert_close(patch_masks.weights,
                                1.0 / counts[patch_masks.indices // 36].float())
-    again = sampler(images=8, grid=(6, 6), it=3, device=torch.device("cpu"))
+    again = sampler(images=8, grid=(6, 6), draw=3, device=torch.device("cpu"))
     assert torch.equal(again.masks, masks)
     assert not torch.equal(sampler(8, (6, 6), 4, torch.device("cpu")).masks, masks)
 
@@ -204,3 +204,14 @@ def test_masked_wrapper_masks_the_student_inputs_only():
     assert not torch.allclose(student.ibot, teacher.ibot)
     shared = dino_objectives.MaskedMultiCropWrapper(backbone, head)(crops, patch_masks)
     torch.testing.assert_close(shared.ibot, head(masked_patches[patch_masks.masks]))
+
+
+def test_ibot_center_moves_once_per_accumulated_step():
+    torch.manual_seed(6)
+    loss_fn = dino_objectives.IBOTPatchLoss(4, micro_batches=2)
+    first, second = torch.randn(3, 4), torch.randn(5, 4)
+    loss_fn.update_center(first)
+    assert torch.equal(loss_fn.center, torch.zeros(1, 4))
+    loss_fn.update_center(second)
+    expected = 0.1 * torch.cat((first, second)).mean(dim=0, keepdim=True)
+    torch.testing.assert_close(loss_fn.center, expected)

@@ -56,9 +56,9 @@ def rank_rows(rank: int, world_size: int):
 
 
 def use_fixed_masks(training, rank: int, world_size: int) -> None:
-    def sampler(images, grid, it, device):
+    def sampler(images, grid, draw, device):
         rows = rank_rows(rank, world_size)
-        masks = all_masks(it).reshape(2, 2 * BATCH, 16)[:, rows].reshape(images, 16)
+        masks = all_masks(draw).reshape(2, 2 * BATCH, 16)[:, rows].reshape(images, 16)
         return dino_objectives.patch_masks_of(masks, device)
     if training.objectives is not None:
         training.objectives.mask_sampler = sampler
@@ -68,7 +68,7 @@ def train_steps(training, rank: int, world_size: int, steps) -> None:
     rows = rank_rows(rank, world_size)
     for it in steps:
         main_dino.set_schedules(training.optimizer, training.schedules, it)
-        main_dino.training_step(training, [crop[rows] for crop in all_crops(it)], 0, it)
+        main_dino.training_step(training, [[crop[rows] for crop in all_crops(it)]], 0, it)
 
 
 def build(world_size: int, rank: int, *extra: str):

@@ -46,7 +46,7 @@ def test_defaults_train_exactly_as_before_the_switches(single_process_group):
         crops = ([torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)]
                  + [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)])
         main_dino.set_schedules(training.optimizer, training.schedules, it)
-        step = main_dino.training_step(training, crops, epoch=0 if it < 2 else 1, it=it)
+        step = main_dino.training_step(training, [crops], epoch=0 if it < 2 else 1, it=it)
         assert list(step) == ["loss", "teacher_entropy", "teacher_kl"]
         values.append([value.item() for value in step.values()])
     expected = [[3.9251346588, 3.3487370014, 0.5404262543],
@@ -81,11 +81,13 @@ def test_collapse_warning_reads_the_dino_part_of_a_summed_loss(capsys):
     (["--koleo_loss_weight", "0.1", "--batch_size_per_gpu", "1"], "--batch_size_per_gpu 2"),
     (["--sharding", "fsdp", "--arch", "resnet18"], "use a ViT, not resnet18"),
     (["--sharding", "fsdp", "--optimizer", "lars"], "adamw or sgd"),
-    (["--distill_from", "x.pth", "--distill_head_warmup_epochs", "-1"], "must be >= 0"),
+    (["--distill_head_warmup_epochs", "-1"], "must be 0 or more"),
+    (["--num_register_tokens", "-2"], "must be 0 or more"),
+    (["--koleo_loss_weight", "-0.1"], "must be 0 or more"),
 ])
 def test_switch_flags_that_cannot_run_are_one_line_errors(flags, message):
     with pytest.raises(utils.InputError, match=message):
-        main_dino.check_switch_flags(v1_args(*flags))
+        main_dino.check_flags(v1_args(*flags))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,9 +184,9 @@ def test_distillation_end_to_end(digits64, tmp_path, tiny_dino_checkpoint):
 @pytest.mark.slow
 def test_fsdp_under_torchrun_end_to_end(digits64, tmp_path):
     checkpoint, record = run_main_dino(
-        digits64, tmp_path, "--sharding", "fsdp", "--batch_size_per_gpu", "16",
-        "--koleo_loss_weight", "0.1", launcher=("-m", "torch.distributed.run",
-                                                "--nproc_per_node=2"))
+        digits64, tmp_path, "--sharding", "fsdp", "--batch_size_per_gpu", "8",
+        "--grad_accum_steps", "2", "--koleo_loss_weight", "0.1",
+        launcher=("-m", "torch.distributed.run", "--nproc_per_node=2"))
     assert_finite_with_keys(record, "train_koleo_loss")
     assert list(checkpoint) == V1_KEYS
     assert all(name.startswith("module.") for name in checkpoint["student"])
