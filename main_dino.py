@@ -481,14 +481,15 @@ class DINOLoss(nn.Module):
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         temp = self.teacher_temp_schedule[epoch]
         teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
-        total_loss, n_terms = 0.0, 0
-        for iq, q in enumerate(teacher_probs.chunk(2)):
-            for v, logp in enumerate(student_logp.chunk(self.ncrops)):
-                if v == iq:
-                    continue
-                total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
-                n_terms += 1
-        loss = total_loss / n_terms
+        batch = len(teacher_probs) // 2
+        student_views = student_logp.view(self.ncrops, batch, -1)
+        teacher_views = teacher_probs.view(2, batch, -1)
+        # Every student view is paired with both teacher views except its own, so its target is
+        # the sum of the teacher views minus the same-view one: two products in all, instead of
+        # one per (teacher view, student view) pair.
+        paired = (teacher_views.sum(dim=0) * student_views.sum(dim=0)).sum() \
+            - (teacher_views * student_views[:2]).sum()
+        loss = -paired / ((2 * self.ncrops - 2) * batch)
         self.update_center(teacher_output)
         if return_diagnostics:
             return loss, teacher_diagnostics(teacher_probs)

@@ -60,6 +60,38 @@ def test_dino_loss_matches_hand_computation_and_updates_center():
     assert loss_fn.teacher_temp_schedule[2:].tolist() == pytest.approx([0.07] * 8)
 
 
+@pytest.mark.parametrize("ncrops", [2, 10])
+def test_dino_loss_value_gradient_and_center_match_the_pairwise_formula(ncrops):
+    """The per-view form (one product on the summed teacher views) against the pair-by-pair
+    formula in float64, with the student gradient written out by hand."""
+    torch.manual_seed(1)
+    batch, dim, student_temp, teacher_temp = 4, 300, 0.1, 0.04
+    loss_fn = main_dino.DINOLoss(dim, ncrops, teacher_temp, teacher_temp, 0, 2)
+    loss_fn.center.copy_(torch.randn(1, dim))
+    student = (torch.randn(ncrops * batch, dim) * 3).requires_grad_()
+    teacher = torch.randn(2 * batch, dim) * 3
+    center_before = loss_fn.center.clone()
+    loss = loss_fn(student, teacher, epoch=1)
+    loss.backward()
+    expected = hand_dino_loss(student.detach(), teacher, center_before, ncrops, student_temp,
+                              teacher_temp)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # d/dz of -sum_k target_k log_softmax(z / T)_k is (softmax(z / T) * sum(target) - target) / T.
+    z, t = student.detach().double().numpy(), (teacher - center_before).double().numpy()
+    q = np.exp(t / teacher_temp - t.max(axis=1, keepdims=True) / teacher_temp)
+    q /= q.sum(axis=1, keepdims=True)
+    p = np.exp(z / student_temp - z.max(axis=1, keepdims=True) / student_temp)
+    p /= p.sum(axis=1, keepdims=True)
+    q_views = q.reshape(2, batch, dim)
+    targets = np.stack([q_views.sum(axis=0) - (q_views[v] if v < 2 else 0)
+                        for v in range(ncrops)]).reshape(ncrops * batch, dim)
+    gradient = (p * targets.sum(axis=1, keepdims=True) - targets) / student_temp
+    gradient /= (2 * ncrops - 2) * batch
+    np.testing.assert_allclose(student.grad.double().numpy(), gradient, rtol=2e-5, atol=1e-8)
+    expected_center = 0.9 * center_before + 0.1 * teacher.mean(dim=0, keepdim=True)
+    torch.testing.assert_close(loss_fn.center, expected_center)
+
+
 def test_dino_loss_gradient_flows_to_student_only():
     student = torch.randn(4 * 2, 6, requires_grad=True)
     teacher = torch.randn(2 * 2, 6, requires_grad=True)
