@@ -14,7 +14,8 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 import torch
@@ -86,6 +87,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", type=utils.bool_flag, default=None,
                         help="torch.compile the backbones and heads (default: on with CUDA, off "
                              "on the CPU). Same results up to float rounding.")
+    parser.add_argument("--compile_scope", default="modules", choices=["modules", "step"],
+                        help="With --compile: compile the backbones and heads one by one "
+                             "(modules), or the teacher and student forward passes and the loss "
+                             "as one graph with its backward (step).")
+    parser.add_argument("--compile_mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode with --compile; reduce-overhead replays CUDA "
+                             "graphs (fewer kernel launches; static shapes, more memory).")
+    parser.add_argument("--packed_forward", type=utils.bool_flag, default=False,
+                        help="One ViT pass for the global and local crops together: token-wise "
+                             "layers on all tokens at once, attention per resolution. Same "
+                             "outputs up to float rounding, but drop-path draws differ.")
+    parser.add_argument("--efficient_drop_path", type=utils.bool_flag, default=False,
+                        help="Stochastic depth that runs each residual branch only on the images "
+                             "it keeps (a fixed number per batch, rescaled to the same expected "
+                             "update) instead of computing and masking; ViTs only. Draws differ "
+                             "from the reference's.")
     parser.add_argument("--weight_decay", type=float, default=0.04,
                         help="Initial value of the weight decay. With ViT, a smaller value at the "
                              "beginning of training works well.")
@@ -340,6 +358,7 @@ class DinoTraining:
     fp16_scaler: Optional[torch.amp.GradScaler]
     autocast: ContextManager
     schedules: Dict[str, np.ndarray]  # per-iteration "lr", "wd" and teacher "momentum"
+    forward_loss: Callable            # `forward_loss`, or its compiled graph
     student_params: List[torch.Tensor]
     teacher_params: List[torch.Tensor]
     clip_grad: float
@@ -358,9 +377,11 @@ def build_training(args: argparse.Namespace, device: torch.device,
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     fp16_scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     schedules = build_schedules(args, iters_per_epoch)
+    step_forward = compiled_forward_loss(args.compile_mode) \
+        if args.compile and args.compile_scope == "step" else forward_loss
     print("Loss, optimizer and schedulers ready.")
     return DinoTraining(student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
-                        autocast, schedules, list(student.module.parameters()),
+                        autocast, schedules, step_forward, list(student.module.parameters()),
                         list(teacher_without_ddp.parameters()), args.clip_grad,
                         args.freeze_last_layer, args.epochs)
 
@@ -372,15 +393,16 @@ def training_step(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
     Returns the step's scalars (loss, teacher entropy and KL to uniform) on the device, without
     a host sync.
     """
-    loss, diagnostics = forward_loss(training.student, training.teacher, training.dino_loss,
-                                     crops, epoch, training.autocast)
+    loss, diagnostics = training.forward_loss(training.student, training.teacher,
+                                              training.dino_loss, crops, epoch, training.autocast)
     backward(loss, training.optimizer, training.fp16_scaler)
     clip_and_step(training.student, training.optimizer, training.fp16_scaler, epoch,
                   training.clip_grad, training.freeze_last_layer)
     update_teacher(training.student_params, training.teacher_params,
                    float(training.schedules["momentum"][it]))
-    return {"loss": loss.detach(), "teacher_entropy": diagnostics[0],
-            "teacher_kl": diagnostics[1]}
+    # A copy: CUDA-graph outputs are overwritten by the next step, these are read 10 steps on.
+    values = torch.stack((loss.detach(), *diagnostics))
+    return {"loss": values[0], "teacher_entropy": values[1], "teacher_kl": values[2]}
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, schedules: Dict[str, np.ndarray],
@@ -398,10 +420,31 @@ def forward_loss(student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
                  crops: List[torch.Tensor], epoch: int,
                  autocast: ContextManager) -> Tuple[torch.Tensor, torch.Tensor]:
     """Teacher on the global crops, student on all crops; (loss, teacher diagnostics)."""
+    return forward_loss_at(student, teacher, dino_loss, crops, dino_loss.teacher_temps[epoch],
+                           autocast)
+
+
+def forward_loss_at(student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
+                    crops: List[torch.Tensor], teacher_temp: torch.Tensor,
+                    autocast: ContextManager) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`forward_loss` at a given teacher temperature (0-d tensor)."""
     with autocast:
         teacher_output = teacher(crops[:2])
         student_output = student(crops)
-        return dino_loss(student_output, teacher_output, epoch, return_diagnostics=True)
+        return dino_loss.at_temperature(student_output, teacher_output, teacher_temp,
+                                        return_diagnostics=True)
+
+
+def compiled_forward_loss(mode: str) -> Callable:
+    """`forward_loss` as one compiled graph (teacher, student, loss; AOTAutograd compiles its
+    backward too). The epoch enters as a temperature tensor, so epochs do not recompile."""
+    compiled = torch.compile(forward_loss_at, dynamic=False, mode=mode)
+
+    def run(student, teacher, dino_loss, crops, epoch, autocast):
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step (for CUDA graphs)
+        return compiled(student, teacher, dino_loss, crops, dino_loss.teacher_temps[epoch],
+                        autocast)
+    return run
 
 
 def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -469,6 +512,8 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
+        self.register_buffer("teacher_temps", torch.tensor(self.teacher_temp_schedule,
+                                                           dtype=torch.float32), persistent=False)
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
                 return_diagnostics: bool = False
@@ -477,10 +522,18 @@ class DINOLoss(nn.Module):
 
         With return_diagnostics, also returns [teacher entropy, KL(batch mean || uniform)].
         """
+        return self.at_temperature(student_output, teacher_output, self.teacher_temps[epoch],
+                                   return_diagnostics)
+
+    def at_temperature(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                       teacher_temp: torch.Tensor, return_diagnostics: bool = False
+                       ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """`forward` with the epoch's teacher temperature given as a 0-d tensor (a compiled
+        step takes it as an input, so a new temperature does not recompile)."""
         # Each student log-softmax is computed once, in float32 even under autocast.
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
-        temp = self.teacher_temp_schedule[epoch]
-        teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        teacher_probs = F.softmax((teacher_output.float() - self.center) / teacher_temp,
+                                  dim=-1).detach()
         batch = len(teacher_probs) // 2
         student_views = student_logp.view(self.ncrops, batch, -1)
         teacher_views = teacher_probs.view(2, batch, -1)
@@ -522,23 +575,26 @@ def teacher_diagnostics(teacher_probs: torch.Tensor) -> torch.Tensor:
 
 def build_student_teacher(args: argparse.Namespace, device: torch.device
                           ) -> Tuple[nn.Module, nn.Module, nn.Module]:
-    """Student (DDP) and teacher MultiCropWrappers; the teacher starts as the student's copy."""
+    """Student (DDP, or its one-process stand-in) and teacher MultiCropWrappers; the teacher
+    starts as the student's copy."""
+    vit_options = {"skip_dropped_paths": True} if args.efficient_drop_path else {}
     student_backbone, embed_dim = utils.build_backbone(args.arch, args.patch_size,
-                                                       args.drop_path_rate)
+                                                       args.drop_path_rate, **vit_options)
     teacher_backbone, _ = utils.build_backbone(args.arch, args.patch_size, 0.0)
     student = utils.MultiCropWrapper(student_backbone, DINOHead(
-        embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
+        embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer),
+        packed=args.packed_forward)
     teacher = utils.MultiCropWrapper(teacher_backbone, DINOHead(
-        embed_dim, args.out_dim, args.use_bn_in_head))
+        embed_dim, args.out_dim, args.use_bn_in_head), packed=args.packed_forward)
     student, teacher = student.to(device), teacher.to(device)
     if device.type == "cuda" and not args.arch.startswith(("vit", "xcit")):
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
-    if args.compile:
+    if args.compile and args.compile_scope == "modules":
         for wrapper in (student, teacher):
             # Module.compile keeps the state_dict keys (no `_orig_mod.`): checkpoints stay as-is.
-            wrapper.backbone.compile(dynamic=False)
-            wrapper.head.compile(dynamic=False)
+            wrapper.backbone.compile(dynamic=False, mode=args.compile_mode)
+            wrapper.head.compile(dynamic=False, mode=args.compile_mode)
     device_ids = [args.gpu] if device.type == "cuda" else None
     # SyncBatchNorm runs on CUDA only; CPU processes keep per-process batch statistics.
     if utils.has_batchnorms(student) and device.type == "cuda":
@@ -549,7 +605,10 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device
         teacher_without_ddp = teacher.module
     else:
         teacher_without_ddp = teacher
-    student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+    if utils.get_world_size() == 1 and teacher is teacher_without_ddp:
+        student = utils.SingleProcessWrapper(student)  # one graph when compiled, fewer kernels
+    else:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
     teacher_without_ddp.load_state_dict(student.module.state_dict())
     for param in teacher.parameters():
         param.requires_grad = False

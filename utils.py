@@ -3,6 +3,7 @@ schedules and optimisation, model wrappers, data, checkpoints and weights, loggi
 """
 import argparse
 import builtins
+import contextlib
 import datetime
 import itertools
 import json
@@ -14,7 +15,8 @@ import sys
 import time
 import warnings
 from collections import defaultdict, deque
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import numpy as np
 import torch
@@ -388,21 +390,49 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 # ------------------------------------------------------------------------------------------------
 
 class MultiCropWrapper(nn.Module):
-    """Runs the backbone once per run of same-resolution crops, then the head once on all."""
+    """Runs the backbone once per run of same-resolution crops, then the head once on all.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    packed: one backbone pass for all resolutions (`VisionTransformer.forward_packed`), same
+    outputs up to float rounding.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False):
         super().__init__()
+        if packed and not hasattr(backbone, "forward_packed"):
+            raise InputError(f"--packed_forward needs one of our ViTs ({', '.join(VIT_ARCHS)}), "
+                             f"not {type(backbone).__name__}")
         backbone.fc, backbone.head = nn.Identity(), nn.Identity()
         self.backbone = backbone
         self.head = head
+        self.packed = packed
 
     def forward(self, x) -> torch.Tensor:
         crops = x if isinstance(x, (list, tuple)) else [x]
+        batches = [torch.cat(list(same_size)) for _, same_size in
+                   itertools.groupby(crops, key=lambda crop: crop.shape[-1])]
+        if self.packed:
+            return self.head(self.backbone(batches))
         features = []
-        for _, same_size in itertools.groupby(crops, key=lambda crop: crop.shape[-1]):
-            output = self.backbone(torch.cat(list(same_size)))
+        for batch in batches:
+            output = self.backbone(batch)
             features.append(output[0] if isinstance(output, tuple) else output)
         return self.head(torch.cat(features))
+
+
+class SingleProcessWrapper(nn.Module):
+    """DDP's stand-in for a one-process run: the same `module.` state_dict keys and gradients,
+    without DDP's gradient buckets and their copy and all-reduce kernels."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self) -> ContextManager:
+        """As DDP's (gradient accumulation): nothing to skip in one process."""
+        return contextlib.nullcontext()
 
 
 def has_batchnorms(model: nn.Module) -> bool:

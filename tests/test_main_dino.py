@@ -180,6 +180,30 @@ def test_teacher_starts_as_the_students_copy_without_gradients_or_drop_path(
     assert student.module.backbone.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
 
 
+def test_one_process_student_keeps_the_ddp_checkpoint_keys(single_process_group):
+    args = tiny_args()
+    student, _, _ = main_dino.build_student_teacher(args, torch.device("cpu"))
+    assert isinstance(student, utils.SingleProcessWrapper)  # no gradient buckets to copy
+    ddp_keys = list(torch.nn.parallel.DistributedDataParallel(student.module).state_dict())
+    assert list(student.state_dict()) == ddp_keys and ddp_keys[0].startswith("module.backbone.")
+    with student.no_sync():
+        student([torch.randn(2, 3, 32, 32)] * 2).sum().backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_speed_flags_keep_the_checkpoint_keys(single_process_group):
+    default, _, _ = main_dino.build_student_teacher(tiny_args(), torch.device("cpu"))
+    fast, teacher, _ = main_dino.build_student_teacher(
+        tiny_args("--packed_forward", "true", "--efficient_drop_path", "true"),
+        torch.device("cpu"))
+    assert list(fast.state_dict()) == list(default.state_dict())
+    assert fast.module.packed and teacher.packed
+    assert fast.module.backbone.blocks[-1].drop_path.skip_dropped
+    with pytest.raises(utils.InputError, match="takes no ViT options"):
+        main_dino.build_student_teacher(tiny_args("--arch", "resnet18", "--efficient_drop_path",
+                                                  "true"), torch.device("cpu"))
+
+
 def test_teacher_sees_only_the_two_global_crops():
     seen = {}
 
