@@ -702,7 +702,9 @@ class DataAugmentationDINO:
 
 
 def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
-    """PIL multi-crop in the workers, or uint8 canvases for the batched augmenter."""
+    """PIL multi-crop in the workers, or uint8 canvases (or bytes) for the batched augmenter."""
+    if args.gpu_decode and not args.gpu_augment:
+        raise utils.InputError("--gpu_decode needs --gpu_augment true")
     if args.gpu_augment:
         return gpu_augment.build_canvas_loader(args)
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
@@ -715,12 +717,14 @@ class CropPreparer:
     """Loader batch -> normalised float32 crops on the device, for either data path.
 
     With --gpu_augment the batched augmenter draws the crops here, from a random stream that
-    depends on (seed, rank, epoch); otherwise the PIL workers' uint8 crops are normalised.
+    depends on (seed, rank, epoch), after decoding the files with --gpu_decode; otherwise the
+    PIL workers' uint8 crops are normalised.
     """
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.device = device
         self.augmenter = gpu_augment.build_augmenter(args, device) if args.gpu_augment else None
+        self.decode_canvas_size = args.canvas_size if args.gpu_decode else None
         self.mean = torch.tensor(utils.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(utils.IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
@@ -729,6 +733,8 @@ class CropPreparer:
             self.augmenter.set_epoch(epoch)
 
     def __call__(self, batch: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        if self.decode_canvas_size:
+            batch = gpu_augment.decode_to_canvases(batch, self.decode_canvas_size, self.device)
         if self.augmenter is not None:
             return self.augmenter(*batch)
         # The same operations as ToTensor + Normalize, so the numbers are the PIL path's.

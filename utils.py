@@ -487,17 +487,25 @@ def find_images(root: str) -> List[str]:
     return paths
 
 
+def load_rgb_image(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Every image under a folder (class sub-folders or none); labels are not used.
 
     An unreadable image is replaced by the next readable one and counted, so that one bad
-    file never stops an epoch. Items are (transformed image, number of files skipped).
+    file never stops an epoch. Items are (transform(loader(path)), number of files skipped);
+    the loader raises OSError or ValueError on unreadable files.
     """
 
-    def __init__(self, root: str, transform: Callable, max_skips: int = 50):
+    def __init__(self, root: str, transform: Optional[Callable], max_skips: int = 50,
+                 loader: Callable[[str], object] = load_rgb_image):
         self.paths = find_images(root)
         self.transform = transform
         self.max_skips = max_skips
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -506,12 +514,11 @@ class ImageFiles(torch.utils.data.Dataset):
         for skipped in range(min(self.max_skips, len(self.paths))):
             path = self.paths[(index + skipped) % len(self.paths)]
             try:
-                with Image.open(path) as img:
-                    image = img.convert("RGB")
+                image = self.loader(path)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 warnings.warn(f"skipping unreadable image {path}: {error}")
                 continue
-            return self.transform(image), skipped
+            return (image if self.transform is None else self.transform(image)), skipped
         raise InputError(f"{self.max_skips} consecutive images from {self.paths[index]!r} on "
                          "could not be read: is the data folder corrupt?")
 
@@ -820,14 +827,15 @@ def truncate_json_log(path: str, first_epoch_to_drop: int) -> None:
 # Pretraining loader (shared by main_dino's PIL path and gpu_augment's canvas path)
 # ------------------------------------------------------------------------------------------------
 
-def build_pretraining_loader(dataset: torch.utils.data.Dataset,
-                             args: argparse.Namespace) -> torch.utils.data.DataLoader:
+def build_pretraining_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
+                             collate_fn: Optional[Callable] = None
+                             ) -> torch.utils.data.DataLoader:
     """Shuffled per-rank batches of `args.batch_size_per_gpu`, dropping the last partial one."""
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True)
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
-        persistent_workers=args.num_workers > 0)
+        persistent_workers=args.num_workers > 0, collate_fn=collate_fn)
     if len(loader) == 0:
         raise InputError(
             f"{len(dataset)} images in {args.data_path!r} do not fill one batch of "

@@ -224,7 +224,7 @@ def test_teacher_sees_only_the_two_global_crops():
 def test_gpu_augment_crops_follow_the_epoch_not_the_call_count():
     args = tiny_args("--gpu_augment", "true")
     canvases = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
-    batch = (canvases, torch.tensor([[64, 48], [48, 64]]))
+    batch = (canvases, torch.tensor([[64, 48, 48, 36], [48, 64, 36, 48]]))
     run = main_dino.CropPreparer(args, torch.device("cpu"))
     run.set_epoch(0)
     epoch0 = run(batch)
@@ -424,6 +424,11 @@ def test_bad_data_folder_gives_one_line_error(tmp_path, setup, message):
     assert "Traceback" not in result.stderr
 
 
+def test_gpu_decode_needs_gpu_augment():
+    with pytest.raises(utils.InputError, match="--gpu_decode needs --gpu_augment true"):
+        main_dino.build_data_loader(tiny_args("--gpu_decode", "true"))
+
+
 def test_warmup_longer_than_the_run_is_a_clear_error():
     args = main_dino.get_args_parser().parse_args(["--epochs", "5"])  # default warmup: 10
     message = r"--warmup_epochs \(10\) is longer than --epochs \(5\)"
@@ -462,9 +467,10 @@ def test_non_finite_loss_stops_with_exit_code_1(small_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_augment_path_trains(small_folder, tmp_path):
+@pytest.mark.parametrize("gpu_decode", ["false", "true"])
+def test_gpu_augment_path_trains(small_folder, tmp_path, gpu_decode):
     run_main_dino(small_folder, tmp_path, "--epochs", "1", "--gpu_augment", "true",
-                  "--canvas_size", "48")
+                  "--canvas_size", "48", "--gpu_decode", gpu_decode)
     with open(tmp_path / "log.txt") as log_file:
         record = json.loads(log_file.readline())
     assert math.isfinite(record["train_loss"]) and record["train_skipped_images"] == 1
