@@ -39,7 +39,7 @@ PHASES = ("data", "teacher_forward", "student_forward_loss", "backward", "optimi
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0, "L40": 362.0}
 
 
-def get_args() -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vit_small")
@@ -66,7 +66,7 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="device peak for MFU (default: known GPUs' bf16 dense peak)")
     parser.add_argument("--json", default="", help="write the results to this file")
-    return parser.parse_args()
+    return parser
 
 
 def config_parts(name: str) -> Tuple[str, set]:
@@ -312,17 +312,23 @@ def print_table(results: List[dict]) -> None:
               f"{r['peak_memory_mb']:>9.0f}{r['first_iter_s']:>9.1f}  {phases}")
 
 
+def device_name_and_peak(device: torch.device, peak_tflops: Optional[float]
+                         ) -> Tuple[str, Optional[float]]:
+    """The device's name and its peak TFLOP/s for MFU (given, or a known GPU's bf16 peak)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return name, peak_tflops or next((peak for key, peak in PEAK_TFLOPS.items() if key in name),
+                                     None)
+
+
 def main() -> None:
-    bench = get_args()
+    bench = get_args_parser().parse_args()
     if bench.warmup_iters < 1:
         raise SystemExit("--warmup_iters must be at least 1")
     init_args = argparse.Namespace(dist_url="env://")
     utils.init_distributed_mode(init_args)
     device = utils.device_of(init_args)
     torch.backends.cudnn.benchmark = True
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak_tflops = bench.peak_tflops or next(
-        (peak for key, peak in PEAK_TFLOPS.items() if key in device_name), None)
+    device_name, peak_tflops = device_name_and_peak(device, bench.peak_tflops)
     flops_per_image = count_flops_per_image(bench, device)
     print(f"device: {device_name}; {flops_per_image / 1e9:.1f} GFLOP per image per step; "
           f"peak for MFU: {peak_tflops} TFLOP/s")
