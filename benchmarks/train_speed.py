@@ -20,7 +20,7 @@ import json
 import resource
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -207,10 +207,17 @@ def crop_source(bench: argparse.Namespace, args: argparse.Namespace,
     return lambda: prepare_crops(next(stream))
 
 
+class Timing(NamedTuple):
+    seconds: float      # wall-clock
+    cpu_seconds: float  # this process's CPU time: on a shared CPU, what other jobs do not inflate
+    last_loss: float
+
+
 def run_iterations(training: main_dino.DinoTraining, reference: bool, next_crops: CropSource,
-                   first_it: int, count: int, timer: PhaseTimer) -> Tuple[float, float]:
-    """(seconds for `count` iterations, the last loss)."""
-    start, values = time.perf_counter(), torch.full((1,), float("nan"))
+                   first_it: int, count: int, timer: PhaseTimer) -> Timing:
+    """Times of `count` iterations and the last loss."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    values = torch.full((1,), float("nan"))
     for it in range(first_it, first_it + count):
         with timer("data"):
             crops = next_crops()
@@ -218,7 +225,7 @@ def run_iterations(training: main_dino.DinoTraining, reference: bool, next_crops
         if it % main_dino.PRINT_FREQ == 0:
             values.tolist()  # main_dino reads its queued stats back at every progress line
     last_loss = values[0].item()
-    return time.perf_counter() - start, last_loss
+    return Timing(time.perf_counter() - start, time.process_time() - cpu_start, last_loss)
 
 
 def count_flops_per_image(bench: argparse.Namespace, device: torch.device) -> float:
@@ -272,11 +279,12 @@ def benchmark_config(name: str, bench: argparse.Namespace, device: torch.device,
     reference = name == "reference"
     next_crops = crop_source(bench, args, device)
     # The first iteration compiles (with compile options) and autotunes: timed on its own.
-    first_iter_s, _ = run_iterations(training, reference, next_crops, 0, 1,
-                                     PhaseTimer(device, False))
+    first_iter_s = run_iterations(training, reference, next_crops, 0, 1,
+                                  PhaseTimer(device, False)).seconds
     run_iterations(training, reference, next_crops, 1, bench.warmup_iters - 1,
                    PhaseTimer(device, False))
-    seconds, last_loss = run_iterations(training, reference, next_crops, bench.warmup_iters,
+    seconds, cpu_seconds, last_loss = run_iterations(training, reference, next_crops,
+                                                     bench.warmup_iters,
                                         bench.iters, PhaseTimer(device, False))
     images_per_s = bench.batch_size * bench.iters / seconds
     split = PhaseTimer(device, True)
@@ -286,6 +294,7 @@ def benchmark_config(name: str, bench: argparse.Namespace, device: torch.device,
     result = {
         "config": name,
         "images_per_s": images_per_s,
+        "images_per_cpu_s": bench.batch_size * bench.iters / cpu_seconds,
         "seconds_per_iter": seconds / bench.iters,
         "mfu": images_per_s * flops_per_image / (peak_tflops * 1e12) if peak_tflops else None,
         "first_iter_s": first_iter_s,
@@ -301,15 +310,16 @@ def benchmark_config(name: str, bench: argparse.Namespace, device: torch.device,
 
 def print_table(results: List[dict]) -> None:
     reference = next((r for r in results if r["config"] == "reference"), None)
-    header = (f"{'config':<24}{'img/s':>9}{'x ref':>7}{'MFU':>7}{'mem MB':>9}{'1st it s':>9}  "
-              + "".join(f"{p[:12]:>13}" for p in PHASES))
+    header = (f"{'config':<24}{'img/s':>9}{'x ref':>7}{'img/CPU-s':>10}{'MFU':>7}{'mem MB':>9}"
+              f"{'1st it s':>9}  " + "".join(f"{p[:12]:>13}" for p in PHASES))
     print(header)
     for r in results:
         ratio = r["images_per_s"] / reference["images_per_s"] if reference else float("nan")
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         phases = "".join(f"{1000 * r['phase_seconds_per_iter'][p]:>11.1f}ms" for p in PHASES)
-        print(f"{r['config']:<24}{r['images_per_s']:>9.1f}{ratio:>7.2f}{mfu:>7}"
-              f"{r['peak_memory_mb']:>9.0f}{r['first_iter_s']:>9.1f}  {phases}")
+        print(f"{r['config']:<24}{r['images_per_s']:>9.1f}{ratio:>7.2f}"
+              f"{r['images_per_cpu_s']:>10.1f}{mfu:>7}{r['peak_memory_mb']:>9.0f}"
+              f"{r['first_iter_s']:>9.1f}  {phases}")
 
 
 def device_name_and_peak(device: torch.device, peak_tflops: Optional[float]
