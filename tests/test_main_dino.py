@@ -186,9 +186,16 @@ def test_one_process_student_keeps_the_ddp_checkpoint_keys(single_process_group)
     assert isinstance(student, utils.SingleProcessWrapper)  # no gradient buckets to copy
     ddp_keys = list(torch.nn.parallel.DistributedDataParallel(student.module).state_dict())
     assert list(student.state_dict()) == ddp_keys and ddp_keys[0].startswith("module.backbone.")
+    crops = [torch.randn(2, 3, 32, 32)] * 2
+    torch.manual_seed(1)  # the same drop-path draws in both passes
     with student.no_sync():
-        student([torch.randn(2, 3, 32, 32)] * 2).sum().backward()
-    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+        student(crops).square().sum().backward()
+    grads = [p.grad.clone() for p in student.parameters() if p.requires_grad]
+    student.zero_grad()
+    torch.manual_seed(1)
+    torch.nn.parallel.DistributedDataParallel(student.module)(crops).square().sum().backward()
+    ddp_grads = [p.grad for p in student.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(grads, ddp_grads))  # bitwise DDP's gradients
 
 
 def test_speed_flags_keep_the_checkpoint_keys(single_process_group):
