@@ -252,7 +252,8 @@ def e2e_task(label: str, flags: List[str]) -> Callable:
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
         start = time.time()
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
-                                timeout=300 if suite.args.smoke else suite.remaining_s() + 60)
+                                timeout=300 if suite.args.smoke else
+                                min(240, max(60, suite.remaining_s() + 30)))
         if result.returncode != 0:
             raise RuntimeError(f"main_dino exited {result.returncode}: {result.stderr[-1500:]}")
         stats = parse_progress(result.stdout)
@@ -409,22 +410,22 @@ def tasks_for(smoke: bool) -> List[Task]:
     baseline, fast = ["reference", "fp16", "bf16"], "bf16+step+packed"
     return [
         Task("train ViT-S b64", 40, train_task("arch", "batch", baseline)),
-        Task("train ViT-S b64 compiled", 150, train_task("arch", "batch", [
-            "bf16+step+packed", "bf16+step+packed+graphs", "fp16+compile"])),
-        Task("e2e PIL, --compile false", 50, e2e_task("PIL workers, --compile false",
-                                                      ["--compile", "false"])),
+        Task("train ViT-S b64 compiled", 110, train_task("arch", "batch", [
+            "bf16+step+packed", "bf16+step+packed+graphs"])),
         Task("e2e GPU augment + decode, fast flags", 80, e2e_task(
             "GPU augment + decode, bf16 step packed",
             ["--gpu_augment", "true", "--gpu_decode", "true", *FAST_FLAGS])),
         Task("augmenter and decoders", 60, augment_task),
         Task("PIL loader", 70, loader_task),
+        Task("e2e PIL, --compile false", 50, e2e_task("PIL workers, --compile false",
+                                                      ["--compile", "false"])),
         Task("train ViT-S b256", 90, train_task("arch", "large_batch", ["reference", fast])),
         Task("train ViT-B b64", 90, train_task("big_arch", "batch", ["reference", fast])),
         Task("e2e PIL, defaults", 90, e2e_task("PIL workers, defaults", [])),
         Task("e2e GPU augment, defaults", 80, e2e_task("GPU augment (canvas), defaults",
                                                         ["--gpu_augment", "true"])),
-        Task("train ViT-S b64 more", 150, train_task("arch", "batch", [
-            "bf16+compile", "bf16+packed", "bf16+step+packed+skipdrop"])),
+        Task("train ViT-S b64 more", 200, train_task("arch", "batch", [
+            "fp16+compile", "bf16+compile", "bf16+packed", "bf16+step+packed+skipdrop"])),
     ]
 
 
