@@ -65,6 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="tiny sizes on the CPU (CI): every kind of task, < 60 s")
     parser.add_argument("--resume", action="store_true",
                         help="keep the finished tasks of --output and run the others")
+    parser.add_argument("--table_only", action="store_true",
+                        help="only print the table of --output (e.g. after a timeout)")
     parser.add_argument("--work_dir", default="/tmp/dino_gpu_suite",
                         help="where the generated JPEG folder and run outputs go")
     parser.add_argument("--workers", type=int, default=None,
@@ -443,6 +445,10 @@ def print_table(report: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.table_only:
+        with open(args.output) as saved:
+            print_table(json.load(saved))
+        return
     sizes = dict(SMOKE if args.smoke else FULL)
     sizes["workers"] = args.workers or min(sizes["workers"], max(1, (os.cpu_count() or 2) - 2))
     os.makedirs(args.work_dir, exist_ok=True)
