@@ -80,8 +80,7 @@ class CanvasTransform:
 def read_image_bytes(path: str) -> torch.Tensor:
     """A file's bytes as a uint8 tensor, once PIL has read its header (so that non-images are
     skipped in the worker, as on the PIL path)."""
-    with Image.open(path) as image:
-        image.size  # noqa: B018 - the header is parsed on open; raises on non-images
+    Image.open(path).close()  # parses the header: raises on files that are no image
     with open(path, "rb") as file:
         return torch.frombuffer(bytearray(file.read()), dtype=torch.uint8)
 
