@@ -330,8 +330,20 @@ def python_busy(seconds: float) -> None:
 
 
 def loader_rate(suite: Suite, between: Callable[[List[torch.Tensor]], None],
-                pin_memory: bool = True, prefetch_factor: int = 2) -> Dict[str, float]:
-    """Images/s and mean wait per batch of main_dino's PIL loader over the measured batches."""
+                pin_memory: bool = True, prefetch_factor: int = 2,
+                switch_interval: Optional[float] = None) -> Dict[str, float]:
+    """Images/s and mean wait per batch of main_dino's PIL loader over the measured batches;
+    switch_interval: how often (s) a thread holding the GIL hands it over (Python's: 0.005)."""
+    default_interval = sys.getswitchinterval()
+    sys.setswitchinterval(switch_interval or default_interval)
+    try:
+        return timed_loader(suite, between, pin_memory, prefetch_factor)
+    finally:
+        sys.setswitchinterval(default_interval)
+
+
+def timed_loader(suite: Suite, between: Callable[[List[torch.Tensor]], None], pin_memory: bool,
+                 prefetch_factor: int) -> Dict[str, float]:
     args = loader_args(suite)
     dataset = main_dino.build_data_loader(args).dataset
     loader = torch.utils.data.DataLoader(
@@ -374,7 +386,10 @@ def loader_task(suite: Suite) -> List[dict]:
          lambda crops: python_busy(step_s), {}),
         ("... and no pin_memory thread", lambda crops: python_busy(step_s),
          {"pin_memory": False}),
+        ("... and a 0.5 ms GIL switch interval", lambda crops: python_busy(step_s),
+         {"switch_interval": 0.0005}),
         ("main training, no sync (ours)", train, {}),
+        ("main training, 0.5 ms GIL switch interval", train, {"switch_interval": 0.0005}),
         ("main training, sync every step (reference)", lambda crops: train(crops, sync=True), {}),
         ("main training, prefetch_factor 4", train, {"prefetch_factor": 4}),
         ("main training, 1 torch thread in main", lambda crops: train(crops, threads=1), {}),
