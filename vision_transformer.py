@@ -53,15 +53,17 @@ def add_on_kept_images(x: torch.Tensor, branch: Callable, drop_prob: float,
                        layout: Optional[Layout]) -> torch.Tensor:
     """x + drop_path(branch(x)) in expectation, running the branch only on the kept images.
 
-    Each batch keeps a random set of images - round(p * images) images (at least one) and
-    scales their update by images / kept: every image's expected update is branch(x), as with
-    the masked drop_path, and dropped images cost nothing (DINOv2's efficient stochastic depth).
+    Each batch keeps a random subset of its images (all but round(p * images), at least one)
+    and scales their update by images / kept: every image's expected update is branch(x), as
+    with the masked drop_path, and dropped images cost nothing (DINOv2's efficient stochastic
+    depth; a fixed count keeps shapes static for compiled graphs).
     """
     parts = unpack(x, layout)
-    chosen = [torch.randperm(len(part), device=x.device)[:max(1, len(part) - round(
-        drop_prob * len(part)))] for part in parts]
+    counts = [max(1, len(part) - round(drop_prob * len(part))) for part in parts]
+    chosen = [torch.randperm(len(part), device=x.device)[:count]
+              for part, count in zip(parts, counts)]
     kept_layout = None if layout is None else tuple(
-        (len(rows), tokens) for rows, (_, tokens) in zip(chosen, layout))
+        (count, tokens) for count, (_, tokens) in zip(counts, layout))
     kept = pack([part[rows] for part, rows in zip(parts, chosen)], kept_layout)
     updates = unpack(branch(kept, kept_layout), kept_layout)
     return pack([part.index_add(0, rows, update.to(part.dtype), alpha=len(part) / len(rows))
