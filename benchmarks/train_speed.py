@@ -209,7 +209,7 @@ def crop_source(bench: argparse.Namespace, args: argparse.Namespace,
 
 class Timing(NamedTuple):
     seconds: float      # wall-clock
-    cpu_seconds: float  # this process's CPU time: on a shared CPU, what other jobs do not inflate
+    cpu_seconds: float  # this process's CPU time: time-sharing with other jobs does not count
     last_loss: float
 
 
