@@ -431,8 +431,8 @@ def forward_loss_at(student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
     with autocast:
         teacher_output = teacher(crops[:2])
         student_output = student(crops)
-        return dino_loss.at_temperature(student_output, teacher_output, teacher_temp,
-                                        return_diagnostics=True)
+        return dino_loss(student_output, teacher_output, None, return_diagnostics=True,
+                         teacher_temp=teacher_temp)
 
 
 def compiled_forward_loss(mode: str) -> Callable:
@@ -515,21 +515,18 @@ class DINOLoss(nn.Module):
         self.register_buffer("teacher_temps", torch.tensor(self.teacher_temp_schedule,
                                                            dtype=torch.float32), persistent=False)
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
-                return_diagnostics: bool = False
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                epoch: Optional[int], return_diagnostics: bool = False,
+                teacher_temp: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Loss averaged over all (teacher view, other student view) pairs; updates the center.
 
-        With return_diagnostics, also returns [teacher entropy, KL(batch mean || uniform)].
+        teacher_temp (0-d tensor) replaces the epoch's scheduled temperature: a compiled step
+        passes it as an input, so that a new epoch does not recompile. With return_diagnostics,
+        also returns [teacher entropy, KL(batch mean || uniform)].
         """
-        return self.at_temperature(student_output, teacher_output, self.teacher_temps[epoch],
-                                   return_diagnostics)
-
-    def at_temperature(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
-                       teacher_temp: torch.Tensor, return_diagnostics: bool = False
-                       ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """`forward` with the epoch's teacher temperature given as a 0-d tensor (a compiled
-        step takes it as an input, so a new temperature does not recompile)."""
+        if teacher_temp is None:
+            teacher_temp = self.teacher_temps[epoch]
         # Each student log-softmax is computed once, in float32 even under autocast.
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         teacher_probs = F.softmax((teacher_output.float() - self.center) / teacher_temp,
