@@ -23,7 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
 
+import eval_knn
 import gpu_augment
+import plot_log
 import utils
 from vision_transformer import DINOHead
 
@@ -71,6 +73,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "if needed.")
     parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
                         help="Number of warmup epochs for the teacher temperature (Default: 0).")
+    parser.add_argument("--teacher_temp_guard", default=False, type=utils.bool_flag,
+                        help="Keep the teacher out of both collapses by scaling the scheduled "
+                             "teacher temperature at every step: down while its outputs drift "
+                             "towards uniform, up while the batch falls onto few prototypes "
+                             "(logged as train_teacher_temp). Off by default (the reference).")
 
     # Training/Optimization parameters
     parser.add_argument("--use_fp16", type=utils.bool_flag, default=True,
@@ -149,6 +156,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="Number of data loading workers per GPU.")
+
+    # Monitoring
+    parser.add_argument("--knn_data_path", default="", type=str,
+                        help="Folder with train/ and val/ class sub-folders: every --knn_freq "
+                             "epochs and at the last one, log the teacher's weighted 20-NN top-1 "
+                             "on val/ against train/ (knn_top1 in log.txt), images resized to "
+                             "--global_crops_size. Off when empty.")
+    parser.add_argument("--knn_freq", default=1, type=int,
+                        help="Epochs between two k-NN evaluations (with --knn_data_path).")
+    parser.add_argument("--tensorboard_dir", default="", type=str,
+                        help="Also write the per-epoch scalars of log.txt to TensorBoard event "
+                             "files in this folder (needs the tensorboard package).")
     utils.add_distributed_args(parser)
     return parser
 
@@ -175,6 +194,8 @@ def check_schedule_flags(args: argparse.Namespace) -> None:
     if args.warmup_epochs > args.epochs:
         raise utils.InputError(f"--warmup_epochs ({args.warmup_epochs}) is longer than --epochs "
                                f"({args.epochs}): lower --warmup_epochs")
+    if args.knn_freq < 1:
+        raise utils.InputError(f"--knn_freq must be at least 1 (got {args.knn_freq})")
 
 
 def train_dino(args: argparse.Namespace) -> None:
@@ -189,6 +210,11 @@ def train_dino(args: argparse.Namespace) -> None:
     torch.backends.cudnn.benchmark = True
 
     data_loader = build_data_loader(args)
+    # Checked at start-up: a bad k-NN folder or a missing package fails now, not after an epoch.
+    knn_monitor = eval_knn.KnnMonitor(args.knn_data_path, args.global_crops_size, args) \
+        if args.knn_data_path else None
+    tensorboard = plot_log.open_tensorboard(args.tensorboard_dir) if args.tensorboard_dir \
+        else None
     prepare_crops = CropPreparer(args, device)
     training = build_training(args, device, len(data_loader))
 
@@ -212,8 +238,15 @@ def train_dino(args: argparse.Namespace) -> None:
             print(f"Warning: {stats['skipped_images']} unreadable images were skipped in epoch "
                   f"{epoch}.")
         warn_on_collapse(stats, args.out_dim)
+        record = epoch_log_record(stats, epoch)
+        if knn_monitor is not None and knn_due(epoch, args.knn_freq, args.epochs):
+            record["knn_top1"] = teacher_knn_top1(knn_monitor, training, device)
         # The log line goes first: a resumed run drops lines of epochs it redoes.
-        utils.append_json_line(log_path, epoch_log_record(stats, epoch))
+        utils.append_json_line(log_path, record)
+        if utils.is_main_process():
+            plot_log.save_curves(log_path, os.path.join(args.output_dir, "curves.png"),
+                                 args.out_dim)
+            plot_log.write_tensorboard(tensorboard, record)
         state = checkpoint_state(training, epoch, args)
         utils.save_on_master(state, checkpoint_path)
         if args.saveckp_freq and epoch % args.saveckp_freq == 0:
@@ -230,6 +263,22 @@ def epoch_log_record(stats: Dict[str, float], epoch: int) -> dict:
     record.update({f"train_{name}": value for name, value in stats.items()
                    if name not in reference_names})
     return record
+
+
+def knn_due(epoch: int, knn_freq: int, epochs: int) -> bool:
+    """After every knn_freq-th epoch (counting from 1) and after the last one."""
+    return (epoch + 1) % knn_freq == 0 or epoch + 1 == epochs
+
+
+def teacher_knn_top1(knn_monitor: eval_knn.KnnMonitor, training: DinoTraining,
+                     device: torch.device) -> Optional[float]:
+    """The teacher backbone's k-NN top-1 (rank 0; None elsewhere), printed with its cost."""
+    start = time.time()
+    top1 = knn_monitor.top1(training.teacher_without_ddp.backbone, device, training.autocast)
+    if top1 is not None:
+        print(f"k-NN: the teacher's weighted {knn_monitor.k}-NN top-1 is {top1:.2f}% "
+              f"({time.time() - start:.1f} s)")
+    return top1
 
 
 def checkpoint_state(training: DinoTraining, epoch: int, args: argparse.Namespace) -> dict:
@@ -352,7 +401,8 @@ def build_training(args: argparse.Namespace, device: torch.device,
     """Student, teacher, loss, optimizer, precision and schedules from main_dino's flags."""
     student, teacher, teacher_without_ddp = build_student_teacher(args, device)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
+                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs,
+                         temp_guard=args.teacher_temp_guard).to(device)
     optimizer = build_optimizer(args, student, device)
     dtype = autocast_dtype(args, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -379,8 +429,7 @@ def training_step(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
                   training.clip_grad, training.freeze_last_layer)
     update_teacher(training.student_params, training.teacher_params,
                    float(training.schedules["momentum"][it]))
-    return {"loss": loss.detach(), "teacher_entropy": diagnostics[0],
-            "teacher_kl": diagnostics[1]}
+    return {"loss": loss.detach(), **dict(zip(training.dino_loss.diagnostic_names, diagnostics))}
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, schedules: Dict[str, np.ndarray],
@@ -455,16 +504,33 @@ class DINOLoss(nn.Module):
         >>> loss_fn = DINOLoss(out_dim=65536, ncrops=10, warmup_teacher_temp=0.04,
         ...                    teacher_temp=0.04, warmup_teacher_temp_epochs=0, nepochs=100)
         >>> loss = loss_fn(student(crops), teacher(crops[:2]), epoch)  # updates loss_fn.center
+
+    With temp_guard (not in the paper), the scheduled teacher temperature is multiplied by a
+    factor that every step moves by GUARD_STEP (in log) from the teacher's diagnostics: down
+    while the mean entropy is above GUARD_MAX_ENTROPY * ln(out_dim) (the uniform collapse
+    approaching), up while the batch-mean distribution's entropy is below
+    GUARD_MIN_BATCH_ENTROPY * ln(out_dim) (the batch falling onto few prototypes).
     """
+
+    GUARD_MAX_ENTROPY = 0.5
+    GUARD_MIN_BATCH_ENTROPY = 0.5
+    GUARD_STEP = 0.01
+    GUARD_MAX_FACTOR = 10.0
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, temp_guard: bool = False):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.temp_guard = temp_guard
+        self.diagnostic_names = ("teacher_entropy", "teacher_kl")
+        if temp_guard:
+            # A buffer, so that a resumed run continues with the factor it had reached.
+            self.register_buffer("teacher_temp_log_factor", torch.zeros(()))
+            self.diagnostic_names += ("teacher_temp",)
         # The teacher temperature changes per epoch: a linear warm-up, then constant.
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
@@ -475,11 +541,14 @@ class DINOLoss(nn.Module):
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Loss averaged over all (teacher view, other student view) pairs; updates the center.
 
-        With return_diagnostics, also returns [teacher entropy, KL(batch mean || uniform)].
+        With return_diagnostics, also returns [teacher entropy, KL(batch mean || uniform)] (and
+        the teacher temperature with temp_guard), named by `diagnostic_names`.
         """
         # Each student log-softmax is computed once, in float32 even under autocast.
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         temp = self.teacher_temp_schedule[epoch]
+        if self.temp_guard:
+            temp = temp * self.teacher_temp_log_factor.exp()
         teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
         total_loss, n_terms = 0.0, 0
         for iq, q in enumerate(teacher_probs.chunk(2)):
@@ -490,9 +559,30 @@ class DINOLoss(nn.Module):
                 n_terms += 1
         loss = total_loss / n_terms
         self.update_center(teacher_output)
-        if return_diagnostics:
-            return loss, teacher_diagnostics(teacher_probs)
-        return loss
+        if not (return_diagnostics or self.temp_guard):
+            return loss
+        diagnostics = teacher_diagnostics(teacher_probs)
+        if self.temp_guard:
+            diagnostics = torch.cat((self.adapt_teacher_temp(diagnostics), temp.reshape(1)))
+        return (loss, diagnostics) if return_diagnostics else loss
+
+    @torch.no_grad()
+    def adapt_teacher_temp(self, diagnostics: torch.Tensor) -> torch.Tensor:
+        """Move the guard's factor from this step's [entropy, KL] (averaged over ranks, so that
+        every rank keeps the same temperature); returns the averaged diagnostics."""
+        if utils.is_dist_avail_and_initialized():
+            diagnostics = diagnostics.clone()
+            dist.all_reduce(diagnostics)
+            diagnostics /= utils.get_world_size()
+        log_k = math.log(self.center.shape[-1])
+        entropy, batch_mean_entropy = diagnostics[0], log_k - diagnostics[1]
+        too_flat = entropy > self.GUARD_MAX_ENTROPY * log_k
+        too_narrow = batch_mean_entropy < self.GUARD_MIN_BATCH_ENTROPY * log_k
+        step = torch.where(too_flat, -self.GUARD_STEP, torch.where(too_narrow, self.GUARD_STEP,
+                                                                   0.0))
+        limit = math.log(self.GUARD_MAX_FACTOR)
+        self.teacher_temp_log_factor.add_(step).clamp_(-limit, limit)
+        return diagnostics
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -582,6 +672,10 @@ def build_schedules(args: argparse.Namespace, niter_per_ep: int) -> Dict[str, np
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
     """bf16 if asked for; fp16 on CUDA when --use_fp16; otherwise None (float32)."""
     if args.use_bf16:
+        if device.type == "cpu" and not utils.cpu_has_native_bf16():
+            print(f"Warning: this CPU has no native bfloat16 (AVX512-BF16 or AMX; torch reports "
+                  f"{torch.backends.cpu.get_cpu_capability()}), so --use_bf16 true will train "
+                  "much slower than float32 (bf16 matmuls are emulated): drop it here.")
         return torch.bfloat16
     if args.use_fp16 and device.type == "cuda":
         return torch.float16

@@ -57,3 +57,17 @@ def load_fashion_mnist(folder: str, split: str, limit: Optional[int] = None
             "or point to a folder holding the four Fashion-MNIST idx .gz files")
     images, labels = read_idx(paths[0])[:limit], read_idx(paths[1])[:limit]
     return images, labels.astype(np.int64)
+
+
+def write_digits_train_val(root: str, size: int = 32, val_size: int = 500, seed: int = 0) -> str:
+    """The bundled digits split at random (seeded) into `root/train` and `root/val` class folders
+    of `val_size` held-out images and the rest."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).astype(np.uint8)
+    order = np.random.RandomState(seed).permutation(len(pixels))
+    for split, indices in (("val", order[:val_size]), ("train", order[val_size:])):
+        write_class_folders(pixels[indices], digits.target[indices], os.path.join(root, split),
+                            size)
+    return root

@@ -14,7 +14,8 @@ import sys
 import time
 import warnings
 from collections import defaultdict, deque
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
+                    Tuple)
 
 import numpy as np
 import torch
@@ -282,6 +283,41 @@ def device_of(args: argparse.Namespace) -> torch.device:
     return torch.device("cuda", args.gpu) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cpu_flags() -> Set[str]:
+    """The CPU's feature flags as the Linux kernel lists them (x86 `flags`, Arm `Features`);
+    empty where /proc/cpuinfo does not exist."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16(capability: Optional[str] = None,
+                        flags: Optional[Set[str]] = None) -> bool:
+    """Whether bfloat16 matmuls run natively on this CPU: AVX512-BF16 or AMX under torch's
+    AVX512 kernels, or Arm's BF16. Elsewhere (AVX2, say) bf16 is emulated and many times slower
+    than float32. Defaults: torch's CPU capability and cpu_flags()."""
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    flags = cpu_flags() if flags is None else flags
+    if "AVX512" in capability:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    if capability.startswith("SVE") or "asimd" in flags:
+        return "bf16" in flags
+    return False
+
+
+def fast_bf16_available() -> bool:
+    """bf16 autocast pays off here: a CUDA GPU that supports it, or a CPU where it is native."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
+
+
 def all_reduce_sum(values: Sequence[float]) -> List[float]:
     """Sums of `values` over all ranks, in float64 (on the GPU under nccl, which needs it)."""
     if not is_dist_avail_and_initialized():
@@ -499,16 +535,19 @@ def save_on_master(obj, path: str) -> None:
     os.replace(tmp_path, path)
 
 
-def load_checkpoint_file(path: str) -> dict:
-    """torch.load a DINO checkpoint on CPU; the pickled argparse.Namespace is allow-listed."""
+def load_checkpoint_file(path: str, mmap: bool = False) -> dict:
+    """torch.load a DINO checkpoint on CPU; the pickled argparse.Namespace is allow-listed.
+
+    mmap=True maps the tensors instead of reading them (cheap when only `args` is needed).
+    """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for a file it cannot read
         if "Unsupported global" not in str(error):
             raise InputError(f"cannot read checkpoint {path!r}: {error}") from error
     # A trusted local file holding objects beyond tensors and Namespace (e.g. numpy scalars).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def restart_from_checkpoint(ckp_path: str, run_variables: Optional[dict] = None, **kwargs) -> None:
