@@ -3,6 +3,7 @@ import argparse
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -135,6 +136,18 @@ def extract_feature_bank(args: argparse.Namespace, storage_device: torch.device
     return compute_feature_bank(model, train_set, test_set, args, device, storage_device)
 
 
+def pixel_feature_bank(splits: Dict[str, Tuple[np.ndarray, np.ndarray]]
+                       ) -> Dict[str, torch.Tensor]:
+    """Raw pixels as features: each image of {"train"|"val": (images, labels)} flattened and
+    L2-normalised, in the layout of extract_feature_bank."""
+    bank = {}
+    for prefix, (images, labels) in (("train", splits["train"]), ("test", splits["val"])):
+        pixels = torch.tensor(images.reshape(len(images), -1), dtype=torch.float)
+        bank[f"{prefix}feat"] = F.normalize(pixels, dim=1)
+        bank[f"{prefix}labels"] = torch.tensor(labels, dtype=torch.long)
+    return bank
+
+
 def dump_feature_bank(bank: Dict[str, torch.Tensor], folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     for name, tensor in bank.items():
@@ -185,6 +198,13 @@ def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor,
             for k, counts in hits.items()}
 
 
+def bank_top1(bank: Dict[str, torch.Tensor], k: int = 20, temperature: float = 0.07) -> float:
+    """Weighted k-NN top-1 (%) of a feature bank's test features against its train features."""
+    num_classes = int(max(bank["trainlabels"].max(), bank["testlabels"].max())) + 1
+    return knn_classifier(bank["trainfeat"], bank["trainlabels"], bank["testfeat"],
+                          bank["testlabels"], [k], temperature, num_classes)[k][0]
+
+
 def check_knn_args(ks: Sequence[int], bank_size: int) -> None:
     if min(ks) < 1:
         raise utils.InputError(f"--nb_knn values must be positive, got {list(ks)}")
@@ -206,9 +226,8 @@ class KnnMonitor:
         self.train_set, self.test_set = load_datasets(data_path, image_size, image_size, [k])
         self.args = args  # batch_size_per_gpu and num_workers of the loaders
         self.k, self.temperature = k, temperature
-        self.num_classes = len(self.train_set.classes)
         print(f"k-NN monitor: {len(self.train_set)} train and {len(self.test_set)} val images "
-              f"of {self.num_classes} classes in {data_path}.")
+              f"of {len(self.train_set.classes)} classes in {data_path}.")
 
     @torch.no_grad()
     def top1(self, model: nn.Module, device: torch.device, autocast) -> Optional[float]:
@@ -222,11 +241,7 @@ class KnnMonitor:
                                             device, device, print_freq=10 ** 9)
         finally:
             model.train(was_training)
-        if bank is None:
-            return None
-        results = knn_classifier(bank["trainfeat"], bank["trainlabels"], bank["testfeat"],
-                                 bank["testlabels"], [self.k], self.temperature, self.num_classes)
-        return results[self.k][0]
+        return None if bank is None else bank_top1(bank, self.k, self.temperature)
 
 
 def main(args: argparse.Namespace) -> None:
