@@ -87,9 +87,11 @@ def dataset_labels(dataset: datasets.ImageFolder) -> torch.Tensor:
 
 
 def build_loader(dataset, args: argparse.Namespace) -> torch.utils.data.DataLoader:
-    """Each rank extracts its share of the images, in dataset order."""
-    return utils.eval_loader(dataset, args,
-                             torch.utils.data.DistributedSampler(dataset, shuffle=False))
+    """Each rank extracts its share of the images, in dataset order (all of them without a
+    process group)."""
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) \
+        if utils.is_dist_avail_and_initialized() else None
+    return utils.eval_loader(dataset, args, sampler)
 
 
 def load_datasets(data_path: str, resize_size: int, crop_size: int, ks: Sequence[int]

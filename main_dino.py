@@ -506,15 +506,17 @@ class DINOLoss(nn.Module):
         >>> loss = loss_fn(student(crops), teacher(crops[:2]), epoch)  # updates loss_fn.center
 
     With temp_guard (not in the paper), the scheduled teacher temperature is multiplied by a
-    factor that every step moves by GUARD_STEP (in log) from the teacher's diagnostics: down
-    while the mean entropy is above GUARD_MAX_ENTROPY * ln(out_dim) (the uniform collapse
-    approaching), up while the batch-mean distribution's entropy is below
-    GUARD_MIN_BATCH_ENTROPY * ln(out_dim) (the batch falling onto few prototypes).
+    factor that guards against both collapses, which share one symptom: the teacher's outputs
+    stop telling the samples apart (uniform, or all on the same prototypes). Whenever the batch's
+    mutual information between samples and prototypes, H(mean p) - mean H(p), falls below
+    GUARD_MIN_INFORMATION * ln(out_dim), the factor moves by GUARD_STEP (in log) towards the
+    neighbouring temperature that gives more information (lower when the outputs flatten,
+    higher when the batch piles onto few prototypes; ties, as with exactly uniform outputs, go
+    lower), within 1/GUARD_MAX_FACTOR..GUARD_MAX_FACTOR.
     """
 
-    GUARD_MAX_ENTROPY = 0.5
-    GUARD_MIN_BATCH_ENTROPY = 0.5
-    GUARD_STEP = 0.01
+    GUARD_MIN_INFORMATION = 0.1
+    GUARD_STEP = 0.02
     GUARD_MAX_FACTOR = 10.0
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
@@ -549,7 +551,8 @@ class DINOLoss(nn.Module):
         temp = self.teacher_temp_schedule[epoch]
         if self.temp_guard:
             temp = temp * self.teacher_temp_log_factor.exp()
-        teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        centered_logits = teacher_output.float().detach() - self.center
+        teacher_probs = F.softmax(centered_logits / temp, dim=-1)
         total_loss, n_terms = 0.0, 0
         for iq, q in enumerate(teacher_probs.chunk(2)):
             for v, logp in enumerate(student_logp.chunk(self.ncrops)):
@@ -563,26 +566,26 @@ class DINOLoss(nn.Module):
             return loss
         diagnostics = teacher_diagnostics(teacher_probs)
         if self.temp_guard:
-            diagnostics = torch.cat((self.adapt_teacher_temp(diagnostics), temp.reshape(1)))
+            self.adapt_teacher_temp(centered_logits, temp)
+            diagnostics = torch.cat((diagnostics, temp.reshape(1)))
         return (loss, diagnostics) if return_diagnostics else loss
 
     @torch.no_grad()
-    def adapt_teacher_temp(self, diagnostics: torch.Tensor) -> torch.Tensor:
-        """Move the guard's factor from this step's [entropy, KL] (averaged over ranks, so that
-        every rank keeps the same temperature); returns the averaged diagnostics."""
+    def adapt_teacher_temp(self, centered_logits: torch.Tensor, temp: torch.Tensor) -> None:
+        """One guard step from this batch's centred teacher logits (the information is averaged
+        over ranks, so that every rank keeps the same temperature)."""
+        steps = torch.tensor([-self.GUARD_STEP, 0.0, self.GUARD_STEP],
+                             device=centered_logits.device)
+        information = torch.stack([batch_information(F.softmax(
+            centered_logits / (temp * step.exp()), dim=-1)) for step in steps])
         if utils.is_dist_avail_and_initialized():
-            diagnostics = diagnostics.clone()
-            dist.all_reduce(diagnostics)
-            diagnostics /= utils.get_world_size()
-        log_k = math.log(self.center.shape[-1])
-        entropy, batch_mean_entropy = diagnostics[0], log_k - diagnostics[1]
-        too_flat = entropy > self.GUARD_MAX_ENTROPY * log_k
-        too_narrow = batch_mean_entropy < self.GUARD_MIN_BATCH_ENTROPY * log_k
-        step = torch.where(too_flat, -self.GUARD_STEP, torch.where(too_narrow, self.GUARD_STEP,
-                                                                   0.0))
+            dist.all_reduce(information)
+            information /= utils.get_world_size()
+        floor = self.GUARD_MIN_INFORMATION * math.log(centered_logits.shape[-1])
+        too_little = information[1] < floor
+        step = torch.where(too_little, steps[information.argmax()], 0.0)
         limit = math.log(self.GUARD_MAX_FACTOR)
         self.teacher_temp_log_factor.add_(step).clamp_(-limit, limit)
-        return diagnostics
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -603,6 +606,13 @@ def teacher_diagnostics(teacher_probs: torch.Tensor) -> torch.Tensor:
     batch_mean = teacher_probs.mean(dim=0)
     kl_to_uniform = math.log(teacher_probs.shape[-1]) - torch.special.entr(batch_mean).sum()
     return torch.stack((entropy, kl_to_uniform))
+
+
+def batch_information(probs: torch.Tensor) -> torch.Tensor:
+    """Mutual information between the batch's samples and the prototypes, in nats:
+    H(batch-mean distribution) - mean per-sample entropy; 0 in either collapse."""
+    mean_entropy = torch.special.entr(probs).sum(dim=-1).mean()
+    return torch.special.entr(probs.mean(dim=0)).sum() - mean_entropy
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -218,30 +219,51 @@ def guarded_loss(out_dim=16, ncrops=3):
     return main_dino.DINOLoss(out_dim, ncrops, 0.04, 0.04, 0, 2, temp_guard=True)
 
 
-def test_guard_cools_a_flat_teacher_and_warms_a_batch_on_one_prototype():
-    batch, out_dim = 4, 16
-    loss_fn = guarded_loss(out_dim)
-    flat_teacher = torch.zeros(2 * batch, out_dim)  # every distribution uniform
-    _, diagnostics = loss_fn(torch.randn(3 * batch, out_dim), flat_teacher, 0,
-                             return_diagnostics=True)
-    entropy, kl, temp = diagnostics.tolist()
-    assert entropy == pytest.approx(math.log(out_dim)) and kl == pytest.approx(0, abs=1e-6)
-    assert temp == pytest.approx(0.04)  # the temperature used by this step
-    assert loss_fn.teacher_temp_log_factor.item() == pytest.approx(-loss_fn.GUARD_STEP)
+def hand_information(logits, temp):
+    """H(mean p) - mean H(p) of softmax(logits / temp), float64 numpy."""
+    shifted = logits / temp - (logits / temp).max(axis=1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
 
-    loss_fn = guarded_loss(out_dim)
-    one_prototype = torch.zeros(2 * batch, out_dim)
-    one_prototype[:, 3] = 1.0  # / 0.04: every sample sits on prototype 3
-    loss_fn(torch.randn(3 * batch, out_dim), one_prototype, 0)
-    assert loss_fn.teacher_temp_log_factor.item() == pytest.approx(loss_fn.GUARD_STEP)
-    _, diagnostics = loss_fn(torch.randn(3 * batch, out_dim), one_prototype, 0,
+    def entropy(q):
+        return -(q * np.log(np.clip(q, 1e-300, None))).sum(axis=-1)
+
+    return entropy(probs.mean(axis=0)) - entropy(probs).mean()
+
+
+def teacher_logits(offset):
+    """8 teacher outputs over 16 prototypes: noise, prototype 3 raised by `offset`."""
+    logits = np.random.RandomState(0).randn(8, 16) * (0.001 if offset == 0 else 0.05)
+    logits[:, 3] += offset
+    return logits
+
+
+@pytest.mark.parametrize("offset,expected_step", [(0.0, -1), (0.3, 1)])
+def test_guard_moves_towards_the_more_informative_temperature(offset, expected_step):
+    """Near-uniform outputs: a lower temperature tells the samples apart better; outputs piled
+    onto one prototype: a higher one does. The guard's step follows a float64 computation."""
+    logits = teacher_logits(offset)
+    information = [hand_information(logits, 0.04 * math.exp(step * 0.02)) for step in (-1, 0, 1)]
+    assert information[1] < 0.1 * math.log(16)  # both are collapsing
+    assert int(np.argmax(information)) - 1 == expected_step
+    loss_fn = guarded_loss()
+    _, diagnostics = loss_fn(torch.randn(12, 16), torch.tensor(logits, dtype=torch.float), 0,
                              return_diagnostics=True)
-    assert diagnostics[2].item() == pytest.approx(0.04 * math.exp(loss_fn.GUARD_STEP))
+    assert diagnostics[2].item() == pytest.approx(0.04)  # the temperature this step used
+    assert loss_fn.teacher_temp_log_factor.item() == pytest.approx(expected_step * 0.02)
+    _, diagnostics = loss_fn(torch.randn(12, 16), torch.zeros(8, 16), 0, return_diagnostics=True)
+    assert diagnostics[2].item() == pytest.approx(0.04 * math.exp(expected_step * 0.02))
+
+
+def test_guard_leaves_an_informative_teacher_alone():
+    loss_fn = guarded_loss()
+    distinct = torch.nn.functional.one_hot(torch.arange(8) * 2, 16).float()  # 8 prototypes
+    loss_fn(torch.randn(12, 16), distinct, 0)
+    assert loss_fn.teacher_temp_log_factor.item() == 0.0
 
 
 def test_guard_factor_is_bounded_saved_and_off_by_default():
     loss_fn = guarded_loss()
-    for _ in range(400):
+    for _ in range(200):  # uniform outputs: ties go to the lower temperature
         loss_fn(torch.randn(6, 16), torch.zeros(4, 16), 0)
     assert loss_fn.teacher_temp_log_factor.item() == pytest.approx(
         -math.log(loss_fn.GUARD_MAX_FACTOR))
