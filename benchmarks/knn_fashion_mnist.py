@@ -15,7 +15,6 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
-
 import eval_knn
 import sample_data
 import utils
@@ -31,6 +30,7 @@ CPU_RECIPE = [
     "--epochs", "16", "--batch_size_per_gpu", "64", "--drop_path_rate", "0.0",
     "--norm_last_layer", "true", "--freeze_last_layer", "0",
     "--weight_decay", "0.04", "--weight_decay_end", "0.1", "--saveckp_freq", "0",
+    "--knn_freq", "2",
 ]
 # --full: all 60,000 training images on one GPU in about 10 minutes (crops drawn on the GPU).
 GPU_RECIPE = CPU_RECIPE + [
