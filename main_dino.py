@@ -74,10 +74,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
                         help="Number of warmup epochs for the teacher temperature (Default: 0).")
     parser.add_argument("--teacher_temp_guard", default=False, type=utils.bool_flag,
-                        help="Keep the teacher out of both collapses by scaling the scheduled "
-                             "teacher temperature at every step: down while its outputs drift "
-                             "towards uniform, up while the batch falls onto few prototypes "
-                             "(logged as train_teacher_temp). Off by default (the reference).")
+                        help="Experimental: while the teacher's outputs stop telling the "
+                             "samples apart (either collapse), move the teacher temperature "
+                             "every step towards the one that tells them apart better (logged "
+                             "as train_teacher_temp; see DINOLoss). Off by default.")
 
     # Training/Optimization parameters
     parser.add_argument("--use_fp16", type=utils.bool_flag, default=True,
