@@ -78,10 +78,10 @@ def build_augmenter(args: argparse.Namespace, device: torch.device) -> "MultiCro
     return augmenter.to(device)
 
 
-def stream_seed(seed: int, rank: int, epoch: int) -> int:
-    """A well-mixed seed for the random stream of (seed, rank, epoch): no two triples share one
-    the way seed + rank would."""
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] >> 1)
+def stream_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
+    """The seed of the random stream of one batch: a well-mixed function of (seed, rank, epoch,
+    batch index in the epoch)."""
+    return utils.mixed_seed(seed, rank, epoch, batch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,9 +369,9 @@ class MultiCropAugmenter(nn.Module):
     """Canvas batch -> DataAugmentationDINO's crops [global1, global2, local_1..n], normalised.
 
     Random parameters are drawn on the CPU (from a generator of its own when seeded, restarted
-    by `set_epoch` so that every epoch, and a resumed one, has its own reproducible stream), so
-    the rows each op touches are known without waiting for the device; pixels stay on the
-    module's device.
+    for every batch from (seed, rank, epoch, batch index), so that an epoch resumed at any
+    batch draws what the uninterrupted one drew), so the rows each op touches are known without
+    waiting for the device; pixels stay on the module's device.
     """
 
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
@@ -395,10 +395,14 @@ class MultiCropAugmenter(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Restart the seeded stream at the start of `epoch` (unseeded: the global RNG goes on)."""
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """The next batch is batch `first_batch` of `epoch` (unseeded: the global RNG goes on)."""
+        self.epoch, self.batch = epoch, first_batch
+        self.restart_stream()
+
+    def restart_stream(self) -> None:
         if self.generator is not None:
-            self.generator.manual_seed(stream_seed(self.seed, self.rank, epoch))
+            self.generator.manual_seed(stream_seed(self.seed, self.rank, self.epoch, self.batch))
 
     def sample_params(self, sizes: torch.Tensor,
                       generator: Optional[torch.Generator] = None) -> List[CropParams]:
@@ -440,4 +444,6 @@ class MultiCropAugmenter(nn.Module):
     def forward(self, canvases: torch.Tensor, sizes: torch.Tensor) -> List[torch.Tensor]:
         """uint8 canvases (B, 3, H, W) on any device; original (width, height) rows (B, 2)."""
         sizes = sizes.cpu()
+        self.restart_stream()
+        self.batch += 1
         return self.apply(canvases, sizes, self.sample_params(sizes, self.generator))
