@@ -74,11 +74,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "if needed.")
     parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
                         help="Number of warmup epochs for the teacher temperature (Default: 0).")
-    parser.add_argument("--teacher_temp_guard", default=False, type=utils.bool_flag,
-                        help="Experimental: while the teacher's outputs stop telling the "
-                             "samples apart (either collapse), move the teacher temperature "
-                             "every step towards the one that tells them apart better (logged "
-                             "as train_teacher_temp; see DINOLoss). Off by default.")
 
     # Training/Optimization parameters
     parser.add_argument("--use_fp16", type=utils.bool_flag, default=True,
@@ -531,8 +526,7 @@ def build_training(args: argparse.Namespace, device: torch.device,
     student, teacher, teacher_without_ddp = build_student_teacher(args, device)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs,
-                         micro_batches=args.grad_accum_steps,
-                         temp_guard=args.teacher_temp_guard).to(device)
+                         micro_batches=args.grad_accum_steps).to(device)
     optimizer = build_optimizer(args, student, device)
     dtype = autocast_dtype(args, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -651,36 +645,17 @@ class DINOLoss(nn.Module):
         >>> loss_fn = DINOLoss(out_dim=65536, ncrops=10, warmup_teacher_temp=0.04,
         ...                    teacher_temp=0.04, warmup_teacher_temp_epochs=0, nepochs=100)
         >>> loss = loss_fn(student(crops), teacher(crops[:2]), epoch)  # updates loss_fn.center
-
-    With temp_guard (not in the paper), the scheduled teacher temperature is multiplied by a
-    factor that guards against both collapses, which share one symptom: the teacher's outputs
-    stop telling the samples apart (uniform, or all on the same prototypes). Whenever the batch's
-    mutual information between samples and prototypes, H(mean p) - mean H(p), falls below
-    GUARD_MIN_INFORMATION * ln(out_dim), the factor moves by GUARD_STEP (in log) towards the
-    neighbouring temperature that gives more information (lower when the outputs flatten,
-    higher when the batch piles onto few prototypes; ties, as with exactly uniform outputs, go
-    lower), within 1/GUARD_MAX_FACTOR..GUARD_MAX_FACTOR.
     """
-
-    GUARD_MIN_INFORMATION = 0.1
-    GUARD_STEP = 0.02
-    GUARD_MAX_FACTOR = 10.0
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, micro_batches: int = 1,
-                 temp_guard: bool = False):
+                 center_momentum: float = 0.9, micro_batches: int = 1):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.temp_guard = temp_guard
         self.diagnostic_names = ("teacher_entropy", "teacher_kl")
-        if temp_guard:
-            # A buffer, so that a resumed run continues with the factor it had reached.
-            self.register_buffer("teacher_temp_log_factor", torch.zeros(()))
-            self.diagnostic_names += ("teacher_temp",)
         # With gradient accumulation the center moves once per optimizer step, by the teacher's
         # mean over all its micro-batches (the sum so far is kept here).
         self.micro_batches = micro_batches
@@ -697,14 +672,12 @@ class DINOLoss(nn.Module):
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Loss averaged over all (teacher view, other student view) pairs; updates the center.
 
-        With return_diagnostics, also returns [teacher entropy, KL(batch mean || uniform)] (and
-        the teacher temperature with temp_guard), named by `diagnostic_names`.
+        With return_diagnostics, also returns [teacher entropy, KL(batch mean || uniform)], named
+        by `diagnostic_names`.
         """
         # Each student log-softmax is computed once, in float32 even under autocast.
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         temp = self.teacher_temp_schedule[epoch]
-        if self.temp_guard:
-            temp = temp * self.teacher_temp_log_factor.exp()
         centered_logits = teacher_output.float().detach() - self.center
         teacher_probs = F.softmax(centered_logits / temp, dim=-1)
         total_loss, n_terms = 0.0, 0
@@ -716,30 +689,9 @@ class DINOLoss(nn.Module):
                 n_terms += 1
         loss = total_loss / n_terms
         self.update_center(teacher_output)
-        if not (return_diagnostics or self.temp_guard):
-            return loss
-        diagnostics = teacher_diagnostics(teacher_probs)
-        if self.temp_guard:
-            self.adapt_teacher_temp(centered_logits, temp)
-            diagnostics = torch.cat((diagnostics, temp.reshape(1)))
-        return (loss, diagnostics) if return_diagnostics else loss
-
-    @torch.no_grad()
-    def adapt_teacher_temp(self, centered_logits: torch.Tensor, temp: torch.Tensor) -> None:
-        """One guard step from this batch's centred teacher logits (the information is averaged
-        over ranks, so that every rank keeps the same temperature)."""
-        steps = torch.tensor([-self.GUARD_STEP, 0.0, self.GUARD_STEP],
-                             device=centered_logits.device)
-        information = torch.stack([batch_information(F.softmax(
-            centered_logits / (temp * step.exp()), dim=-1)) for step in steps])
-        if utils.is_dist_avail_and_initialized():
-            dist.all_reduce(information)
-            information /= utils.get_world_size()
-        floor = self.GUARD_MIN_INFORMATION * math.log(centered_logits.shape[-1])
-        too_little = information[1] < floor
-        step = torch.where(too_little, steps[information.argmax()], 0.0)
-        limit = math.log(self.GUARD_MAX_FACTOR)
-        self.teacher_temp_log_factor.add_(step).clamp_(-limit, limit)
+        if return_diagnostics:
+            return loss, teacher_diagnostics(teacher_probs)
+        return loss
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -779,13 +731,6 @@ def teacher_diagnostics(teacher_probs: torch.Tensor) -> torch.Tensor:
     batch_mean = teacher_probs.mean(dim=0)
     kl_to_uniform = math.log(teacher_probs.shape[-1]) - torch.special.entr(batch_mean).sum()
     return torch.stack((entropy, kl_to_uniform))
-
-
-def batch_information(probs: torch.Tensor) -> torch.Tensor:
-    """Mutual information between the batch's samples and the prototypes, in nats:
-    H(batch-mean distribution) - mean per-sample entropy; 0 in either collapse."""
-    mean_entropy = torch.special.entr(probs).sum(dim=-1).mean()
-    return torch.special.entr(probs.mean(dim=0)).sum() - mean_entropy
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Training curves of a main_dino run, drawn from its log.txt: `python plot_log.py OUTPUT_DIR`.
 
 Draws one panel per logged quantity that is present (loss, lr, wd, teacher entropy and KL to
-uniform with ln(out_dim) marked, the guarded teacher temperature, skipped images, k-NN top-1), so
-the reference's log.txt (train_loss, train_lr, train_wd, epoch) works too. main_dino.py redraws
+uniform with ln(out_dim) marked, skipped images, k-NN top-1), so the reference's log.txt
+(train_loss, train_lr, train_wd, epoch) works too. main_dino.py redraws
 OUTPUT_DIR/curves.png after every epoch with the same code, and sends the same scalars to
 TensorBoard with --tensorboard_dir.
 """
@@ -22,7 +22,6 @@ PANELS = [
     ("learning rate", ("train_lr",), False),
     ("weight decay", ("train_wd",), False),
     ("teacher outputs (nats)", ("train_teacher_entropy", "train_teacher_kl"), True),
-    ("teacher temperature", ("train_teacher_temp",), False),
     ("skipped images", ("train_skipped_images",), False),
     ("k-NN top-1 (%)", ("knn_top1",), False),
 ]

@@ -1,5 +1,5 @@
-"""What shows whether a run learns: k-NN during training, curves, TensorBoard, the collapse guard,
-and the CPU precision check."""
+"""What shows whether a run learns: k-NN during training, curves, TensorBoard, and the CPU
+precision check."""
 import json
 import math
 import os
@@ -8,7 +8,6 @@ import subprocess
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -127,12 +126,12 @@ def test_plot_log_draws_a_reference_log(tmp_path, capsys):
 
 def test_plot_log_draws_every_logged_quantity_and_knn_where_measured():
     records = [dict(record, train_teacher_entropy=1.0, train_teacher_kl=2.0,
-                    train_teacher_temp=0.04, train_skipped_images=0) for record in REFERENCE_LOG]
+                    train_skipped_images=0) for record in REFERENCE_LOG]
     records[1]["knn_top1"], records[2]["knn_top1"] = 55.0, 61.5
     figure = plot_log.plot_curves(records, out_dim=256)
     panels = {ax.get_title(): ax for ax in figure.axes if ax.axison}
     assert list(panels) == ["loss", "learning rate", "weight decay", "teacher outputs (nats)",
-                            "teacher temperature", "skipped images", "k-NN top-1 (%)"]
+                            "skipped images", "k-NN top-1 (%)"]
     knn_line = panels["k-NN top-1 (%)"].get_lines()[0]
     assert list(knn_line.get_xdata()) == [1, 2] and list(knn_line.get_ydata()) == [55.0, 61.5]
     entropy, kl, uniform = panels["teacher outputs (nats)"].get_lines()
@@ -209,71 +208,6 @@ def test_tensorboard_dir_without_the_package_fails_at_start_up(digits_train_val,
     assert "error: --tensorboard_dir needs the tensorboard package" in last_line
     assert "Traceback" not in result.stderr
     assert "Starting DINO training" not in result.stdout
-
-
-# ------------------------------------------------------------------------------------------------
-# The teacher-temperature guard
-# ------------------------------------------------------------------------------------------------
-
-def guarded_loss(out_dim=16, ncrops=3):
-    return main_dino.DINOLoss(out_dim, ncrops, 0.04, 0.04, 0, 2, temp_guard=True)
-
-
-def hand_information(logits, temp):
-    """H(mean p) - mean H(p) of softmax(logits / temp), float64 numpy."""
-    shifted = logits / temp - (logits / temp).max(axis=1, keepdims=True)
-    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-
-    def entropy(q):
-        return -(q * np.log(np.clip(q, 1e-300, None))).sum(axis=-1)
-
-    return entropy(probs.mean(axis=0)) - entropy(probs).mean()
-
-
-def teacher_logits(offset):
-    """8 teacher outputs over 16 prototypes: noise, prototype 3 raised by `offset`."""
-    logits = np.random.RandomState(0).randn(8, 16) * (0.001 if offset == 0 else 0.05)
-    logits[:, 3] += offset
-    return logits
-
-
-@pytest.mark.parametrize("offset,expected_step", [(0.0, -1), (0.3, 1)])
-def test_guard_moves_towards_the_more_informative_temperature(offset, expected_step):
-    """Near-uniform outputs: a lower temperature tells the samples apart better; outputs piled
-    onto one prototype: a higher one does. The guard's step follows a float64 computation."""
-    logits = teacher_logits(offset)
-    information = [hand_information(logits, 0.04 * math.exp(step * 0.02)) for step in (-1, 0, 1)]
-    assert information[1] < 0.1 * math.log(16)  # both are collapsing
-    assert int(np.argmax(information)) - 1 == expected_step
-    loss_fn = guarded_loss()
-    _, diagnostics = loss_fn(torch.randn(12, 16), torch.tensor(logits, dtype=torch.float), 0,
-                             return_diagnostics=True)
-    assert diagnostics[2].item() == pytest.approx(0.04)  # the temperature this step used
-    assert loss_fn.teacher_temp_log_factor.item() == pytest.approx(expected_step * 0.02)
-    _, diagnostics = loss_fn(torch.randn(12, 16), torch.zeros(8, 16), 0, return_diagnostics=True)
-    assert diagnostics[2].item() == pytest.approx(0.04 * math.exp(expected_step * 0.02))
-
-
-def test_guard_leaves_an_informative_teacher_alone():
-    loss_fn = guarded_loss()
-    distinct = torch.nn.functional.one_hot(torch.arange(8) * 2, 16).float()  # 8 prototypes
-    loss_fn(torch.randn(12, 16), distinct, 0)
-    assert loss_fn.teacher_temp_log_factor.item() == 0.0
-
-
-def test_guard_factor_is_bounded_saved_and_off_by_default():
-    loss_fn = guarded_loss()
-    for _ in range(200):  # uniform outputs: ties go to the lower temperature
-        loss_fn(torch.randn(6, 16), torch.zeros(4, 16), 0)
-    assert loss_fn.teacher_temp_log_factor.item() == pytest.approx(
-        -math.log(loss_fn.GUARD_MAX_FACTOR))
-    assert list(loss_fn.state_dict()) == ["center", "teacher_temp_log_factor"]
-    assert loss_fn.diagnostic_names == ("teacher_entropy", "teacher_kl", "teacher_temp")
-    plain = main_dino.DINOLoss(16, 3, 0.04, 0.04, 0, 2)
-    assert list(plain.state_dict()) == ["center"]
-    assert plain.diagnostic_names == ("teacher_entropy", "teacher_kl")
-    args = main_dino.get_args_parser().parse_args([])
-    assert args.teacher_temp_guard is False and args.knn_data_path == ""
 
 
 # ------------------------------------------------------------------------------------------------
