@@ -126,10 +126,10 @@ def build_augmenter(args: argparse.Namespace, device: torch.device) -> "MultiCro
                               device=device)
 
 
-def stream_seed(seed: int, rank: int, epoch: int) -> int:
-    """A well-mixed seed for the random stream of (seed, rank, epoch): no two triples share one
-    the way seed + rank would."""
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] >> 1)
+def stream_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
+    """The seed of the random stream of one batch: a well-mixed function of (seed, rank, epoch,
+    batch index in the epoch)."""
+    return utils.mixed_seed(seed, rank, epoch, batch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -497,9 +497,9 @@ class MultiCropAugmenter(nn.Module):
     """Canvas batch -> DataAugmentationDINO's crops [global1, global2, local_1..n], normalised.
 
     Random parameters are drawn on the module's device, in one call per batch, from a generator
-    of its own when seeded (restarted by `set_epoch`, so that every epoch, and a resumed one,
-    has its own reproducible stream on a given device type). compile_pixels compiles the pixel
-    work (`render_views`) once per crop size.
+    of its own when seeded, restarted for every batch from (seed, rank, epoch, batch index), so
+    that an epoch resumed at any batch draws what the uninterrupted one drew (on a given device
+    type). compile_pixels compiles the pixel work (`render_views`) once per crop size.
     """
 
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
@@ -523,15 +523,21 @@ class MultiCropAugmenter(nn.Module):
         self.render = torch.compile(render_views, dynamic=False) if compile_pixels \
             else render_views
         self.seed, self.rank = seed, rank
+        self.generator: Optional[torch.Generator] = None
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Restart the seeded stream at the start of `epoch` (unseeded: the global RNG goes on)."""
-        self.epoch = epoch
-        self.generator = None
-        if self.seed is not None:
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """The next batch is batch `first_batch` of `epoch` (unseeded: the global RNG goes on)."""
+        self.epoch, self.batch = epoch, first_batch
+
+    def batch_generator(self) -> Optional[torch.Generator]:
+        """The seeded stream of the next batch, on the module's device (None when unseeded)."""
+        if self.seed is None:
+            return None
+        if self.generator is None or self.generator.device != self.mean.device:
             self.generator = torch.Generator(self.mean.device)
-            self.generator.manual_seed(stream_seed(self.seed, self.rank, epoch))
+        self.generator.manual_seed(stream_seed(self.seed, self.rank, self.epoch, self.batch))
+        return self.generator
 
     def sample_params(self, sizes: torch.Tensor,
                       generator: Optional[torch.Generator] = None) -> List[CropParams]:
@@ -566,6 +572,10 @@ class MultiCropAugmenter(nn.Module):
     @torch.no_grad()
     def forward(self, canvases: torch.Tensor, geometry: torch.Tensor) -> List[torch.Tensor]:
         """uint8 canvases (B, 3, H, W); geometry rows (B, 4) as CanvasTransform's."""
-        if self.generator is not None and self.generator.device != self.mean.device:
-            self.set_epoch(self.epoch)  # moved to another device: the epoch's stream there
-        return self.apply(canvases, geometry, self.sample_params(geometry, self.generator))
+        return self.apply(canvases, geometry, self.next_params(geometry))
+
+    def next_params(self, geometry: torch.Tensor) -> List[CropParams]:
+        """The parameters of the next batch of the epoch, from its own seeded stream."""
+        params = self.sample_params(geometry, self.batch_generator())
+        self.batch += 1
+        return params

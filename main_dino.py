@@ -13,9 +13,8 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
-from typing import (Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple,
-                    Union)
+from typing import (Callable, ContextManager, Dict, Iterable, List, NamedTuple, Optional,
+                    Sequence, Tuple, Union)
 
 import numpy as np
 import torch
@@ -24,7 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
 
+import dino_checkpoint
+import eval_knn
 import gpu_augment
+import plot_log
 import utils
 from vision_transformer import DINOHead
 
@@ -116,7 +118,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "Clipping with norm .3 ~ 1.0 can help optimization for larger ViT "
                              "architectures. 0 for disabling.")
     parser.add_argument("--batch_size_per_gpu", default=64, type=int,
-                        help="Per-GPU batch-size : number of distinct images loaded on one GPU.")
+                        help="Per-GPU batch-size : number of distinct images loaded on one GPU. "
+                             "With --grad_accum_steps K, the size of each of the K "
+                             "micro-batches (one forward and backward).")
+    parser.add_argument("--grad_accum_steps", default=1, type=int,
+                        help="Micro-batches per optimizer step: gradients are summed over K "
+                             "batches of --batch_size_per_gpu, and the step, teacher EMA, center "
+                             "update and schedules happen once per K, as with one batch K times "
+                             "larger (also for the --lr scaling). Models with batch norm see "
+                             "statistics of each micro-batch, not of the whole step.")
     parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
     parser.add_argument("--freeze_last_layer", default=1, type=int,
                         help="Number of epochs during which we keep the output layer fixed. "
@@ -164,10 +174,37 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Path to save logs and checkpoints.")
     parser.add_argument("--saveckp_freq", default=20, type=int,
                         help="Save checkpoint every x epochs.")
+    parser.add_argument("--saveckp_iters", default=0, type=int,
+                        help="Also write checkpoint.pth every N iterations (0: only after each "
+                             "epoch), with what a resumed run needs to continue the epoch "
+                             "exactly where it stopped.")
+    parser.add_argument("--init_from", default="", type=str,
+                        help="Start a new run (epoch 0, fresh optimizer and schedules) from these "
+                             "weights: a main_dino checkpoint (student, teacher and heads), a "
+                             "reference release or any backbone state_dict (fresh heads). "
+                             "Ignored when --output_dir already holds checkpoint.pth.")
+    parser.add_argument("--freeze_backbone_epochs", default=0, type=int,
+                        help="Train only the heads for this many first epochs (e.g. fresh heads "
+                             "on an --init_from backbone).")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="Number of data loading workers per GPU.")
+
+    # Monitoring
+    parser.add_argument("--knn_data_path", default="", type=str,
+                        help="Folder with train/ and val/ class sub-folders: every --knn_freq "
+                             "epochs and at the last one, log the teacher's weighted 20-NN top-1 "
+                             "on val/ against train/ (knn_top1 in log.txt), images resized to "
+                             "--global_crops_size. Off when empty.")
+    parser.add_argument("--knn_freq", default=1, type=int,
+                        help="Epochs between two k-NN evaluations (with --knn_data_path).")
+    parser.add_argument("--tensorboard_dir", default="", type=str,
+                        help="Also write the per-epoch scalars of log.txt to TensorBoard event "
+                             "files in this folder (needs the tensorboard package).")
     utils.add_distributed_args(parser)
+    parser.add_argument("--dist_timeout_minutes", default=10.0, type=float,
+                        help="How long a process waits for the others (at a collective) before "
+                             "it stops with an error: a frozen or dead process ends the run.")
     return parser
 
 
@@ -176,14 +213,56 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace) -> None:
-    check_schedule_flags(args)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    check_flags(args)
+    dino_checkpoint.prepare_output_dir(args.output_dir)
     try:
         train_dino(args)
     except NonFiniteLossError as error:
         print(str(error), force=True)
-        utils.cleanup_distributed()
-        sys.exit(1)
+        exit_cleanly(1)
+    except dino_checkpoint.TrainingStopped as stopped:
+        print(str(stopped))
+        stopped.pass_on()
+        exit_cleanly(stopped.exit_status)
+    except RuntimeError as error:
+        message = dino_checkpoint.lost_process_message(error, args.dist_timeout_minutes)
+        if message is None:
+            raise
+        print(message, force=True)
+        exit_cleanly(1)
+
+
+def exit_cleanly(status: int) -> None:
+    utils.cleanup_distributed()
+    sys.exit(status)
+
+
+# Flags that must be positive, or at least 0, for a run to make sense.
+POSITIVE_FLAGS = ("lr", "batch_size_per_gpu", "grad_accum_steps", "out_dim", "patch_size",
+                  "global_crops_size", "local_crops_size", "teacher_temp", "warmup_teacher_temp",
+                  "dist_timeout_minutes")
+NON_NEGATIVE_FLAGS = ("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate",
+                      "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
+                      "freeze_backbone_epochs", "local_crops_number", "num_workers",
+                      "saveckp_freq", "saveckp_iters")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse, in one line, flags that cannot give a sensible run, before anything is built."""
+    check_schedule_flags(args)
+    for name in POSITIVE_FLAGS:
+        if not getattr(args, name) > 0:  # also refuses NaN
+            raise utils.InputError(f"--{name} must be positive (got {getattr(args, name)})")
+    for name in NON_NEGATIVE_FLAGS:
+        if not getattr(args, name) >= 0:
+            raise utils.InputError(f"--{name} must be 0 or more (got {getattr(args, name)})")
+    if args.init_from and not os.path.isfile(args.init_from):
+        raise utils.InputError(f"--init_from {args.init_from!r} is not a file")
+    if args.compile is not False and args.compile_scope == "step" and args.grad_accum_steps > 1:
+        # The compiled step would hold the center's running sum across its CUDA graphs.
+        raise utils.InputError("--compile_scope step does not combine with --grad_accum_steps > 1:"
+                               " use --compile_scope modules")
+    warn_on_dropped_pixels(args)
 
 
 def check_schedule_flags(args: argparse.Namespace) -> None:
@@ -193,10 +272,27 @@ def check_schedule_flags(args: argparse.Namespace) -> None:
     if args.warmup_epochs > args.epochs:
         raise utils.InputError(f"--warmup_epochs ({args.warmup_epochs}) is longer than --epochs "
                                f"({args.epochs}): lower --warmup_epochs")
+    if args.knn_freq < 1:
+        raise utils.InputError(f"--knn_freq must be at least 1 (got {args.knn_freq})")
+
+
+def warn_on_dropped_pixels(args: argparse.Namespace) -> None:
+    """A ViT's patch embedding ignores the pixels past the last whole patch: say how many."""
+    if args.arch not in utils.VIT_ARCHS:
+        return
+    crops = [("global", args.global_crops_size)]
+    crops += [("local", args.local_crops_size)] if args.local_crops_number > 0 else []
+    for kind, size in crops:
+        dropped = size % args.patch_size
+        if dropped:
+            used = size - dropped
+            print(f"Warning: --{kind}_crops_size {size} is not a multiple of --patch_size "
+                  f"{args.patch_size}: the ViT ignores the last {dropped} rows and columns of "
+                  f"pixels of every {kind} crop (use {used} or {used + args.patch_size}).")
 
 
 def train_dino(args: argparse.Namespace) -> None:
-    utils.init_distributed_mode(args)
+    utils.init_distributed_mode(args, args.dist_timeout_minutes)
     utils.fix_random_seeds(args.seed)
     utils.print_run_header(args)
     device = utils.device_of(args)
@@ -207,37 +303,84 @@ def train_dino(args: argparse.Namespace) -> None:
     torch.backends.cudnn.benchmark = True
 
     data_loader = build_data_loader(args)
+    # Checked at start-up: a bad k-NN folder or a missing package fails now, not after an epoch.
+    knn_monitor = eval_knn.KnnMonitor(args.knn_data_path, args.global_crops_size, args) \
+        if args.knn_data_path else None
+    tensorboard = plot_log.open_tensorboard(args.tensorboard_dir) if args.tensorboard_dir \
+        else None
     prepare_crops = CropPreparer(args, device)
-    training = build_training(args, device, len(data_loader))
+    training = build_training(args, device, len(data_loader) // args.grad_accum_steps)
 
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    run_variables = {"epoch": 0}
-    utils.restart_from_checkpoint(
-        checkpoint_path, run_variables=run_variables, student=training.student,
-        teacher=training.teacher, optimizer=training.optimizer,
-        fp16_scaler=training.fp16_scaler, dino_loss=training.dino_loss)
-    start_epoch = run_variables["epoch"]
+    dino_checkpoint.remove_stale_temporaries(args.output_dir)
+    layout = dino_checkpoint.data_layout(len(data_loader.dataset),
+                                         data_loader.sampler.samples_per_step)
+    start = resume_or_initialise(args, training, layout)
     log_path = os.path.join(args.output_dir, "log.txt")
-    utils.truncate_json_log(log_path, start_epoch)
+    utils.truncate_json_log(log_path, start.epoch)
 
     start_time = time.time()
     print("Starting DINO training !")
-    for epoch in range(start_epoch, args.epochs):
-        data_loader.sampler.set_epoch(epoch)
-        prepare_crops.set_epoch(epoch)
-        stats = train_one_epoch(training, data_loader, prepare_crops, epoch)
+    stop_signals = dino_checkpoint.StopSignals(args.dist_timeout_minutes).install()
+    checkpoints = dino_checkpoint.Checkpoints(
+        args.output_dir, args.saveckp_freq, args.saveckp_iters,
+        lambda resume_epoch: checkpoint_state(training, resume_epoch, args), layout, stop_signals)
+    for epoch in range(start.epoch, args.epochs):
+        progress = start.progress if epoch == start.epoch else None
+        begin_epoch(epoch, progress, args, data_loader, prepare_crops)
+        stats = train_one_epoch(training, data_loader, prepare_crops, epoch, progress, checkpoints)
         if stats["skipped_images"]:
             print(f"Warning: {stats['skipped_images']} unreadable images were skipped in epoch "
                   f"{epoch}.")
         warn_on_collapse(stats, args.out_dim)
+        record = epoch_log_record(stats, epoch)
+        if knn_monitor is not None and knn_due(epoch, args.knn_freq, args.epochs):
+            record["knn_top1"] = teacher_knn_top1(knn_monitor, training, device)
         # The log line goes first: a resumed run drops lines of epochs it redoes.
-        utils.append_json_line(log_path, epoch_log_record(stats, epoch))
-        state = checkpoint_state(training, epoch, args)
-        utils.save_on_master(state, checkpoint_path)
-        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            utils.save_on_master(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+        utils.append_json_line(log_path, record)
+        if utils.is_main_process():
+            plot_log.save_curves(log_path, os.path.join(args.output_dir, "curves.png"),
+                                 args.out_dim)
+            plot_log.write_tensorboard(tensorboard, record)
+        checkpoints.save_epoch_end(epoch)
+    stop_signals.uninstall()
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+
+
+def resume_or_initialise(args: argparse.Namespace, training: DinoTraining,
+                         layout: dict) -> dino_checkpoint.ResumePoint:
+    """Resume --output_dir's checkpoint.pth if there is one; otherwise start at epoch 0, from
+    --init_from's weights if given."""
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    if os.path.isfile(checkpoint_path):
+        if args.init_from:
+            print(f"Note: resuming {checkpoint_path}; --init_from only applies to a new run.")
+        return dino_checkpoint.resume(
+            checkpoint_path, args, layout, student=training.student, teacher=training.teacher,
+            optimizer=training.optimizer, fp16_scaler=training.fp16_scaler,
+            dino_loss=training.dino_loss)
+    if args.init_from:
+        heads_loaded = dino_checkpoint.initialise_from(
+            args.init_from, training.student.module, training.teacher_without_ddp,
+            training.dino_loss.center)
+        if not heads_loaded and not args.freeze_backbone_epochs:
+            print("Note: with fresh heads, --freeze_backbone_epochs N trains them alone for the "
+                  "first N epochs, so that their random gradients do not disturb the backbone.")
+    return dino_checkpoint.ResumePoint()
+
+
+def begin_epoch(epoch: int, progress: Optional[dino_checkpoint.EpochProgress],
+                args: argparse.Namespace, data_loader: torch.utils.data.DataLoader,
+                prepare_crops: CropPreparer) -> None:
+    """Point the random streams, the sampler and the crop preparer at the start of `epoch`, or
+    at the iteration where a mid-epoch checkpoint left it."""
+    iteration = progress.iteration if progress else 0
+    if progress:
+        dino_checkpoint.restore_random_states(progress.random_states)
+    else:
+        dino_checkpoint.seed_epoch(args.seed, epoch)
+    data_loader.sampler.set_epoch(epoch, iteration * data_loader.sampler.samples_per_step)
+    prepare_crops.set_epoch(epoch, iteration * args.grad_accum_steps)
 
 
 def epoch_log_record(stats: Dict[str, float], epoch: int) -> dict:
@@ -250,13 +393,30 @@ def epoch_log_record(stats: Dict[str, float], epoch: int) -> dict:
     return record
 
 
-def checkpoint_state(training: DinoTraining, epoch: int, args: argparse.Namespace) -> dict:
-    """The reference's checkpoint layout (student keys keep DDP's `module.` prefix)."""
+def knn_due(epoch: int, knn_freq: int, epochs: int) -> bool:
+    """After every knn_freq-th epoch (counting from 1) and after the last one."""
+    return (epoch + 1) % knn_freq == 0 or epoch + 1 == epochs
+
+
+def teacher_knn_top1(knn_monitor: eval_knn.KnnMonitor, training: DinoTraining,
+                     device: torch.device) -> Optional[float]:
+    """The teacher backbone's k-NN top-1 (rank 0; None elsewhere), printed with its cost."""
+    start = time.time()
+    top1 = knn_monitor.top1(training.teacher_without_ddp.backbone, device, training.autocast)
+    if top1 is not None:
+        print(f"k-NN: the teacher's weighted {knn_monitor.k}-NN top-1 is {top1:.2f}% "
+              f"({time.time() - start:.1f} s)")
+    return top1
+
+
+def checkpoint_state(training: DinoTraining, resume_epoch: int, args: argparse.Namespace) -> dict:
+    """The reference's checkpoint layout (student keys keep DDP's `module.` prefix); "epoch" is
+    the epoch a resumed run starts with (the next one, or the one in progress mid-epoch)."""
     state = {
         "student": training.student.state_dict(),
         "teacher": training.teacher.state_dict(),
         "optimizer": training.optimizer.state_dict(),
-        "epoch": epoch + 1,
+        "epoch": resume_epoch,
         "args": args,
         "dino_loss": training.dino_loss.state_dict(),
     }
@@ -298,22 +458,33 @@ class PendingStats(NamedTuple):
 
 
 def train_one_epoch(training: DinoTraining, data_loader: torch.utils.data.DataLoader,
-                    prepare_crops: CropPreparer, epoch: int) -> Dict[str, float]:
-    """Train on every batch of the loader; the epoch's averaged stats over all ranks."""
+                    prepare_crops: CropPreparer, epoch: int,
+                    progress: Optional[dino_checkpoint.EpochProgress] = None,
+                    checkpoints: Optional[dino_checkpoint.Checkpoints] = None) -> Dict[str, float]:
+    """Train on the epoch's steps (those after `progress`, for a resumed mid-epoch checkpoint;
+    `checkpoints` writes one when due); the epoch's averaged stats over all ranks."""
+    progress = progress or dino_checkpoint.EpochProgress()
     metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger.restore_running_sums(progress.meters)
     header = f"Epoch: [{epoch}/{training.epochs}]"
     pending: List[PendingStats] = []
-    skipped = 0
-    last_step = len(data_loader) - 1
-    for step, (crops, skipped_in_batch) in enumerate(
-            metric_logger.log_every(data_loader, PRINT_FREQ, header)):
-        it = len(data_loader) * epoch + step
+    skipped = progress.skipped_images
+    last_step = training.iters_per_epoch - 1
+    steps = utils.StepBatches(data_loader, training.grad_accum_steps)
+    for step, micro_batches in enumerate(
+            metric_logger.log_every(steps, PRINT_FREQ, header, first=progress.iteration),
+            start=progress.iteration):
+        it = training.iters_per_epoch * epoch + step
         lr, wd = set_schedules(training.optimizer, training.schedules, it)
-        pending.append(PendingStats(step, lr, wd, training_step(training, prepare_crops(crops),
-                                                                epoch, it)))
-        skipped += int(skipped_in_batch.sum())
-        if step % PRINT_FREQ == 0 or step == last_step:
+        crops = (prepare_crops(batch) for batch, _ in micro_batches)
+        pending.append(PendingStats(step, lr, wd, training_step(training, crops, epoch, it)))
+        skipped += sum(int(skipped_in_batch.sum()) for _, skipped_in_batch in micro_batches)
+        if step % PRINT_FREQ == 0 or step in (progress.iteration, last_step):
+            record_pending(metric_logger, pending, epoch)  # log_every prints these steps
+        if checkpoints is not None and step < last_step and checkpoints.due(it):
             record_pending(metric_logger, pending, epoch)
+            checkpoints.save_mid_epoch(epoch, dino_checkpoint.EpochProgress(
+                step + 1, metric_logger.running_sums(), skipped))
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
@@ -324,6 +495,8 @@ def train_one_epoch(training: DinoTraining, data_loader: torch.utils.data.DataLo
 def record_pending(metric_logger: utils.MetricLogger, pending: List[PendingStats],
                    epoch: int) -> None:
     """Read back the queued per-iteration stats in one host sync and feed the meters."""
+    if not pending:
+        return
     names = list(pending[0].values)
     rows = torch.stack([torch.stack([stats.values[name] for name in names])
                         for stats in pending]).tolist()
@@ -339,8 +512,8 @@ def record_pending(metric_logger: utils.MetricLogger, pending: List[PendingStats
 class NonFiniteLossError(RuntimeError):
     def __init__(self, value: float, epoch: int, step: int):
         super().__init__(f"Loss is {value} at epoch {epoch}, iteration {step}, stopping training "
-                         "(checkpoint.pth from the last finished epoch is intact; try float32 with "
-                         "--use_fp16 false --use_bf16 false, or a lower --lr)")
+                         "(the last checkpoint.pth is intact; try float32 with --use_fp16 false "
+                         "--use_bf16 false, or a lower --lr)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,6 +537,9 @@ class DinoTraining:
     clip_grad: float
     freeze_last_layer: int
     epochs: int
+    iters_per_epoch: int
+    grad_accum_steps: int           # micro-batches per optimizer step
+    freeze_backbone_epochs: int
 
 
 def build_training(args: argparse.Namespace, device: torch.device,
@@ -371,7 +547,8 @@ def build_training(args: argparse.Namespace, device: torch.device,
     """Student, teacher, loss, optimizer, precision and schedules from main_dino's flags."""
     student, teacher, teacher_without_ddp = build_student_teacher(args, device)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
+                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs,
+                         micro_batches=args.grad_accum_steps).to(device)
     optimizer = build_optimizer(args, student, device)
     dtype = autocast_dtype(args, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -383,26 +560,40 @@ def build_training(args: argparse.Namespace, device: torch.device,
     return DinoTraining(student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
                         autocast, schedules, step_forward, list(student.module.parameters()),
                         list(teacher_without_ddp.parameters()), args.clip_grad,
-                        args.freeze_last_layer, args.epochs)
+                        args.freeze_last_layer, args.epochs, iters_per_epoch,
+                        args.grad_accum_steps, args.freeze_backbone_epochs)
 
 
-def training_step(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
-                  it: int) -> Dict[str, torch.Tensor]:
-    """Forward, backward, clipped optimizer step and teacher EMA at global iteration `it`.
+def training_step(training: DinoTraining, micro_batches: Iterable[List[torch.Tensor]],
+                  epoch: int, it: int) -> Dict[str, torch.Tensor]:
+    """Forward and backward on each micro-batch's crops (one without --grad_accum_steps), then
+    one clipped optimizer step and teacher EMA at global iteration `it`.
 
-    Returns the step's scalars (loss, teacher entropy and KL to uniform) on the device, without
-    a host sync.
+    The gradients add up to those of the whole step's mean loss, and DDP all-reduces them with
+    the last micro-batch only; the DINO loss moves its center once, by the step's mean. Returns
+    the step's scalars (loss, teacher entropy and KL to uniform, means over the micro-batches)
+    on the device, without a host sync.
     """
-    loss, diagnostics = training.forward_loss(training.student, training.teacher,
-                                              training.dino_loss, crops, epoch, training.autocast)
-    backward(loss, training.optimizer, training.fp16_scaler)
+    accumulation = training.grad_accum_steps
+    sums = None
+    for index, crops in enumerate(micro_batches):
+        last = index == accumulation - 1
+        with nullcontext() if last else training.student.no_sync():
+            loss, diagnostics = training.forward_loss(training.student, training.teacher,
+                                                      training.dino_loss, crops, epoch,
+                                                      training.autocast)
+            backward(loss / accumulation, training.optimizer, training.fp16_scaler,
+                     accumulate=index > 0)
+        # A new tensor: CUDA-graph outputs are overwritten by the next step, and these are read
+        # 10 steps on.
+        values = torch.cat((loss.detach().reshape(1), diagnostics))
+        sums = values if sums is None else sums + values
     clip_and_step(training.student, training.optimizer, training.fp16_scaler, epoch,
-                  training.clip_grad, training.freeze_last_layer)
+                  training.clip_grad, training.freeze_last_layer, training.freeze_backbone_epochs)
     update_teacher(training.student_params, training.teacher_params,
                    float(training.schedules["momentum"][it]))
-    # A copy: CUDA-graph outputs are overwritten by the next step, these are read 10 steps on.
-    values = torch.stack((loss.detach(), *diagnostics))
-    return {"loss": values[0], "teacher_entropy": values[1], "teacher_kl": values[2]}
+    means = sums / accumulation
+    return {"loss": means[0], **dict(zip(training.dino_loss.diagnostic_names, means[1:]))}
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, schedules: Dict[str, np.ndarray],
@@ -448,8 +639,10 @@ def compiled_forward_loss(mode: str) -> Callable:
 
 
 def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-             fp16_scaler: Optional[torch.amp.GradScaler]) -> None:
-    optimizer.zero_grad(set_to_none=True)
+             fp16_scaler: Optional[torch.amp.GradScaler], accumulate: bool = False) -> None:
+    """Gradients of `loss`, replacing the previous ones (or added to them, to accumulate)."""
+    if not accumulate:
+        optimizer.zero_grad(set_to_none=True)
     if fp16_scaler is None:
         loss.backward()
     else:
@@ -458,13 +651,15 @@ def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 
 def clip_and_step(student: nn.Module, optimizer: torch.optim.Optimizer,
                   fp16_scaler: Optional[torch.amp.GradScaler], epoch: int, clip_grad: float,
-                  freeze_last_layer: int) -> None:
-    """Per-parameter clipping, last-layer freezing, then the optimizer (and scaler) step."""
+                  freeze_last_layer: int, freeze_backbone_epochs: int = 0) -> None:
+    """Per-parameter clipping, last-layer (and backbone) freezing, then the optimizer (and
+    scaler) step."""
     if clip_grad:
         if fp16_scaler is not None:
             fp16_scaler.unscale_(optimizer)
         utils.clip_gradients(student, clip_grad)
     utils.cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+    utils.cancel_gradients_backbone(epoch, student, freeze_backbone_epochs)
     if fp16_scaler is None:
         optimizer.step()
     else:
@@ -502,12 +697,19 @@ class DINOLoss(nn.Module):
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, micro_batches: int = 1):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.diagnostic_names = ("teacher_entropy", "teacher_kl")
+        # With gradient accumulation the center moves once per optimizer step, by the teacher's
+        # mean over all its micro-batches (the sum so far is kept here).
+        self.micro_batches = micro_batches
+        self.step_sum: Optional[torch.Tensor] = None
+        self.step_rows = 0
+        self.micro_batches_seen = 0
         # The teacher temperature changes per epoch: a linear warm-up, then constant.
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
@@ -523,7 +725,7 @@ class DINOLoss(nn.Module):
 
         teacher_temp (0-d tensor) replaces the epoch's scheduled temperature: a compiled step
         passes it as an input, so that a new epoch does not recompile. With return_diagnostics,
-        also returns [teacher entropy, KL(batch mean || uniform)].
+        also returns [teacher entropy, KL(batch mean || uniform)], named by `diagnostic_names`.
         """
         if teacher_temp is None:
             teacher_temp = self.teacher_temps[epoch]
@@ -547,11 +749,30 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the teacher's mean output over the step: every micro-batch, every rank."""
         batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        rows = len(teacher_output)
+        if self.micro_batches > 1:
+            batch_center, rows = self.add_micro_batch(batch_center, rows)
+            if batch_center is None:
+                return
         if utils.is_dist_avail_and_initialized():
             dist.all_reduce(batch_center)
-        batch_center = batch_center / (len(teacher_output) * utils.get_world_size())
+        batch_center = batch_center / (rows * utils.get_world_size())
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+    def add_micro_batch(self, teacher_sum: torch.Tensor,
+                        rows: int) -> Tuple[Optional[torch.Tensor], int]:
+        """Add one micro-batch's teacher sum: the step's (sum, rows) after its last one, else
+        (None, 0)."""
+        self.step_sum = teacher_sum if self.step_sum is None else self.step_sum + teacher_sum
+        self.step_rows += rows
+        self.micro_batches_seen += 1
+        if self.micro_batches_seen < self.micro_batches:
+            return None, 0
+        step_sum, step_rows = self.step_sum, self.step_rows
+        self.step_sum, self.step_rows, self.micro_batches_seen = None, 0, 0
+        return step_sum, step_rows
 
 
 @torch.no_grad()
@@ -625,8 +846,9 @@ def build_optimizer(args: argparse.Namespace, student: nn.Module,
 
 
 def build_schedules(args: argparse.Namespace, niter_per_ep: int) -> Dict[str, np.ndarray]:
-    """Per-iteration lr, wd and teacher momentum; lr scaled linearly with the total batch."""
-    total_batch = args.batch_size_per_gpu * utils.get_world_size()
+    """Per-iteration lr, wd and teacher momentum; lr scaled linearly with the total batch (of
+    one optimizer step: micro-batches x --grad_accum_steps x processes)."""
+    total_batch = args.batch_size_per_gpu * args.grad_accum_steps * utils.get_world_size()
     return {
         "lr": utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs,
                                      niter_per_ep, warmup_epochs=args.warmup_epochs),
@@ -639,6 +861,10 @@ def build_schedules(args: argparse.Namespace, niter_per_ep: int) -> Dict[str, np
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
     """bf16 if asked for; fp16 on CUDA when --use_fp16; otherwise None (float32)."""
     if args.use_bf16:
+        if device.type == "cpu" and not utils.cpu_has_native_bf16():
+            print(f"Warning: this CPU has no native bfloat16 (AVX512-BF16 or AMX; torch reports "
+                  f"{torch.backends.cpu.get_cpu_capability()}), so --use_bf16 true will train "
+                  "much slower than float32 (bf16 matmuls are emulated): drop it here.")
         return torch.bfloat16
     if args.use_fp16 and device.type == "cuda":
         return torch.float16
@@ -707,15 +933,16 @@ def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                      args.local_crops_number, args.global_crops_size,
                                      args.local_crops_size, uint8_output=True)
-    return utils.build_pretraining_loader(utils.ImageFiles(args.data_path, transform), args)
+    dataset = utils.ImageFiles(args.data_path, transform, seed=args.seed)
+    return utils.build_pretraining_loader(dataset, args)
 
 
 class CropPreparer:
     """Loader batch -> normalised float32 crops on the device, for either data path.
 
     With --gpu_augment the batched augmenter draws the crops here, from a random stream that
-    depends on (seed, rank, epoch), after decoding the files with --gpu_decode; otherwise the
-    PIL workers' uint8 crops are normalised.
+    depends on (seed, rank, epoch, batch), after decoding the files with --gpu_decode;
+    otherwise the PIL workers' uint8 crops are normalised.
     """
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
@@ -725,9 +952,10 @@ class CropPreparer:
         self.mean = torch.tensor(utils.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(utils.IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """The next batch is batch `first_batch` of `epoch` (a resumed epoch starts later)."""
         if self.augmenter is not None:
-            self.augmenter.set_epoch(epoch)
+            self.augmenter.set_epoch(epoch, first_batch)
 
     def __call__(self, batch: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if self.decode_canvas_size:

@@ -2,21 +2,26 @@
 schedules and optimisation, model wrappers, data, checkpoints and weights, logging, evaluation.
 """
 import argparse
+import atexit
 import builtins
 import contextlib
 import datetime
+import errno
 import itertools
 import json
+import multiprocessing
 import os
 import random
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import warnings
 from collections import defaultdict, deque
-from typing import (Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence,
-                    Tuple)
+from typing import (Callable, ContextManager, Dict, Iterable, Iterator, List, NamedTuple,
+                    Optional, Sequence, Set, Tuple)
 
 import numpy as np
 import torch
@@ -42,14 +47,29 @@ class InputError(Exception):
 
 
 def run_cli(main: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
-    """Run a script's main; report an InputError as a one-line message and exit status 2."""
+    """Run a script's main; report an InputError as a one-line message and exit status 2, and
+    Ctrl-C as one line and status 130."""
+    script = os.path.basename(sys.argv[0])
     try:
         main(args)
     except InputError as error:
-        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {error}\n")
+        sys.stderr.write(f"{script}: error: {input_error_line(error)}\n")
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{script}: interrupted (Ctrl-C)\n")
+        sys.exit(130)
     finally:
         cleanup_distributed()
+
+
+def input_error_line(error: InputError) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (which wraps it in the
+    worker's traceback), the worker's own message, so that it reads as with --num_workers 0."""
+    message = str(error)
+    if "Original Traceback" not in message:
+        return message
+    last_line = message.strip().splitlines()[-1]
+    return last_line.split(f"{InputError.__name__}: ", 1)[-1]
 
 
 def bool_flag(value: str) -> bool:
@@ -94,10 +114,18 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch_names: Sequence[str]
 # ------------------------------------------------------------------------------------------------
 
 def fix_random_seeds(seed: int = 31) -> None:
-    """Seed torch (all devices) and numpy."""
+    """Seed torch (all devices), numpy and Python's random."""
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
     np.random.seed(seed)
+    random.seed(seed)
+
+
+def mixed_seed(*numbers: int) -> int:
+    """A well-mixed 63-bit seed for a tuple of integers: no two tuples share one the way
+    seed + rank would."""
+    entropy = [number % 2 ** 64 for number in numbers]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def get_sha() -> str:
@@ -248,14 +276,19 @@ def _read_launch_environment(args: argparse.Namespace) -> None:
         env.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def init_distributed_mode(args: argparse.Namespace) -> None:
-    """Initialise the process group (nccl on GPUs, gloo on CPU) and silence non-master prints."""
+def init_distributed_mode(args: argparse.Namespace,
+                          timeout_minutes: Optional[float] = None) -> None:
+    """Initialise the process group (nccl on GPUs, gloo on CPU) and silence non-master prints.
+
+    timeout_minutes bounds every wait on another process (torch's default, 30 min, if None).
+    """
     _read_launch_environment(args)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(args.gpu)
+    timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
     dist.init_process_group(backend=backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+                            world_size=args.world_size, rank=args.rank, timeout=timeout)
     print(f"| distributed init (rank {args.rank}): {args.dist_url}", flush=True)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
@@ -282,6 +315,41 @@ def setup_for_distributed(is_master: bool) -> None:
 
 def device_of(args: argparse.Namespace) -> torch.device:
     return torch.device("cuda", args.gpu) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def cpu_flags() -> Set[str]:
+    """The CPU's feature flags as the Linux kernel lists them (x86 `flags`, Arm `Features`);
+    empty where /proc/cpuinfo does not exist."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16(capability: Optional[str] = None,
+                        flags: Optional[Set[str]] = None) -> bool:
+    """Whether bfloat16 matmuls run natively on this CPU: AVX512-BF16 or AMX under torch's
+    AVX512 kernels, or Arm's BF16. Elsewhere (AVX2, say) bf16 is emulated and many times slower
+    than float32. Defaults: torch's CPU capability and cpu_flags()."""
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    flags = cpu_flags() if flags is None else flags
+    if "AVX512" in capability:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    if capability.startswith("SVE") or "asimd" in flags:
+        return "bf16" in flags
+    return False
+
+
+def fast_bf16_available() -> bool:
+    """bf16 autocast pays off here: a CUDA GPU that supports it, or a CPU where it is native."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
 
 
 def all_reduce_sum(values: Sequence[float]) -> List[float]:
@@ -374,6 +442,17 @@ def clip_gradients(model: nn.Module, clip: float) -> List[torch.Tensor]:
     torch._foreach_clamp_max_(coefs, 1.0)
     torch._foreach_mul_(grads, coefs)
     return norms
+
+
+def cancel_gradients_backbone(epoch: int, model: nn.Module, freeze_backbone_epochs: int) -> None:
+    """Drop the backbone's gradients during the first `freeze_backbone_epochs` epochs, so that
+    only the heads train (and, with the teacher equal to the student, the teacher's backbone
+    stays put too)."""
+    if epoch >= freeze_backbone_epochs:
+        return
+    for name, param in model.named_parameters():
+        if name.removeprefix("module.").startswith("backbone."):
+            param.grad = None
 
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
@@ -487,40 +566,128 @@ def find_images(root: str) -> List[str]:
     return paths
 
 
-def load_rgb_image(path: str) -> Image.Image:
+class SampleKey(NamedTuple):
+    """What the pretraining sampler yields: an image index and the epoch it is drawn in."""
+    index: int
+    epoch: int
+
+
+# Pillow's modes for 16-bit grayscale (a 16-bit PNG opens as one of them); "I" is 32-bit but
+# is what older Pillows give for 16-bit PNGs.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def open_rgb(path: str) -> Image.Image:
+    """The image as 8-bit RGB; 16-bit grayscale is scaled to 8 bits (PIL's convert("RGB")
+    clips it at 255, which turns it almost white)."""
     with Image.open(path) as img:
-        return img.convert("RGB")
+        if img.mode not in SIXTEEN_BIT_MODES:
+            return img.convert("RGB")
+        pixels = np.asarray(img, dtype=np.int64).clip(0, 65535)
+    # 65535 / 257 = 255: the full 16-bit range onto the full 8-bit range, rounded.
+    return Image.fromarray(((pixels + 128) // 257).astype(np.uint8), mode="L").convert("RGB")
+
+
+@contextlib.contextmanager
+def seeded_randomness(seed: int) -> Iterator[None]:
+    """Python's random and torch's CPU generator seeded with `seed` inside the block, and
+    restored after it, so that the caller's random streams do not move."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
 
 
 class ImageFiles(torch.utils.data.Dataset):
     """Every image under a folder (class sub-folders or none); labels are not used.
 
-    An unreadable image is replaced by the next readable one and counted, so that one bad
-    file never stops an epoch. Items are (transform(loader(path)), number of files skipped);
-    the loader raises OSError or ValueError on unreadable files.
+    An unreadable image is replaced by the next readable one, so that one bad file never stops
+    an epoch. Items are (transform(loader(path)), 1 if the requested file was unreadable else 0),
+    so that summing them counts each bad file once; the loader raises OSError or ValueError on
+    unreadable files, and transform None leaves its output as it is. Given a seed and a SampleKey,
+    the transform's random draws are a function of (seed, epoch, index) alone: the same whichever
+    worker, or the main process, loads the image, and after a resume.
     """
 
     def __init__(self, root: str, transform: Optional[Callable], max_skips: int = 50,
-                 loader: Callable[[str], object] = load_rgb_image):
+                 seed: Optional[int] = None, loader: Callable[[str], object] = open_rgb):
         self.paths = find_images(root)
         self.transform = transform
         self.max_skips = max_skips
+        self.seed = seed
         self.loader = loader
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int):
-        for skipped in range(min(self.max_skips, len(self.paths))):
-            path = self.paths[(index + skipped) % len(self.paths)]
+    def __getitem__(self, key):
+        index, epoch = (key.index, key.epoch) if isinstance(key, SampleKey) else (key, None)
+        attempts = min(self.max_skips, len(self.paths))
+        for attempt in range(attempts):
+            path = self.paths[(index + attempt) % len(self.paths)]
             try:
                 image = self.loader(path)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 warnings.warn(f"skipping unreadable image {path}: {error}")
                 continue
-            return (image if self.transform is None else self.transform(image)), skipped
-        raise InputError(f"{self.max_skips} consecutive images from {self.paths[index]!r} on "
-                         "could not be read: is the data folder corrupt?")
+            if self.transform is None:
+                return image, int(attempt > 0)
+            if self.seed is None or epoch is None:
+                return self.transform(image), int(attempt > 0)
+            with seeded_randomness(mixed_seed(self.seed, epoch, index)):
+                return self.transform(image), int(attempt > 0)
+        raise InputError(f"{attempts} consecutive images from {self.paths[index]!r} on could not "
+                         "be read: is the data folder corrupt?")
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """This rank's shuffled share of the images as SampleKeys, in whole steps, from any point.
+
+    The order is DistributedSampler's (seed 0, reshuffled by epoch). Only whole steps of
+    `samples_per_step` are yielded (the loader drops partial batches anyway), and `set_epoch`
+    can start part-way in: a resumed run skips the samples it consumed without loading them.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, samples_per_step: int):
+        super().__init__(dataset, shuffle=True)
+        self.samples_per_step = samples_per_step
+        self.first_sample = 0
+
+    def set_epoch(self, epoch: int, first_sample: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.first_sample = first_sample
+
+    def __len__(self) -> int:
+        whole_steps = self.num_samples // self.samples_per_step * self.samples_per_step
+        return max(whole_steps - self.first_sample, 0)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        indices = list(super().__iter__())
+        end = self.first_sample + len(self)
+        return iter([SampleKey(index, self.epoch) for index in indices[self.first_sample:end]])
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C, SIGTERM and SIGUSR1/2 to the main process, which stops
+    at the end of the iteration; otherwise a signal sent to the whole process group (Ctrl-C,
+    Slurm) kills the workers and the iteration with them."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def kill_daemon_children() -> None:
+    """At exit, end the DataLoader workers that an exception on its way out kept alive: they
+    ignore SIGTERM, so multiprocessing's own exit handler (terminate, then join) would wait
+    for them forever. Registered after it, this handler runs first."""
+    # torch's SIGCHLD handler would report each of them as a failed worker.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -528,24 +695,80 @@ class ImageFiles(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------------------------
 
 def save_on_master(obj, path: str) -> None:
-    """torch.save on rank 0, atomically: a kill mid-write never leaves a corrupt file."""
+    """torch.save on rank 0, atomically: a kill mid-write never leaves a corrupt file, and a
+    failed write (a full disk) removes its partial file, keeps the previous `path` intact and
+    is an InputError naming the path and the cause."""
     if not is_main_process():
         return
     tmp_path = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        # Through a Python file object, so that the OSError (and its errno) of a failed write
+        # reaches us: torch's own file writer reports only "file write failed".
+        with open(tmp_path, "wb") as tmp_file:
+            torch.save(obj, tmp_file)
+            tmp_file.flush()
+            os.fsync(tmp_file.fileno())
+        os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as error:
+        failure = write_error(path, error)
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise failure from error
 
 
-def load_checkpoint_file(path: str) -> dict:
-    """torch.load a DINO checkpoint on CPU; the pickled argparse.Namespace is allow-listed."""
+def write_error(path: str, error: BaseException) -> InputError:
+    """A one-line InputError for a failed write of `path`, naming the cause."""
+    cause = write_failure_cause(path, error)
+    advice = "choose another --output_dir"
+    if cause in DISK_FULL_CAUSES:
+        advice = f"free some space, or {advice}"
+    return InputError(f"cannot write {path!r}: {cause} ({advice})")
+
+
+DISK_FULL_CAUSES = (os.strerror(errno.ENOSPC).lower(), os.strerror(errno.EDQUOT).lower())
+
+
+def write_failure_cause(path: str, error: BaseException) -> str:
+    """"no space left on device", "permission denied", ... from the OSError behind `error`, even
+    when torch wraps it in a RuntimeError that does not say; else the error's first line."""
+    link = error
+    while link is not None:
+        if isinstance(link, OSError) and link.errno:
+            return os.strerror(link.errno).lower()
+        link = link.__cause__ or link.__context__
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder) and shutil.disk_usage(folder).free < 2 ** 20:
+        return DISK_FULL_CAUSES[0]
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def load_checkpoint_file(path: str, mmap: bool = False) -> dict:
+    """torch.load a DINO checkpoint on CPU; the pickled argparse.Namespace is allow-listed.
+
+    A file torch cannot read is an InputError naming it as truncated or corrupt. mmap=True maps
+    the tensors instead of reading them (cheap when only `args` is needed).
+    """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for a file it cannot read
         if "Unsupported global" not in str(error):
-            raise InputError(f"cannot read checkpoint {path!r}: {error}") from error
+            raise InputError(f"cannot read checkpoint {path!r}: the file is truncated or corrupt "
+                             f"({unreadable_checkpoint_cause(error)}); delete it or replace it "
+                             "with a good copy") from error
     # A trusted local file holding objects beyond tensors and Namespace (e.g. numpy scalars).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+
+
+def unreadable_checkpoint_cause(error: Exception) -> str:
+    """torch.load's reason in a few words, without its advice to load with weights_only=False
+    (which cannot help with a damaged file)."""
+    message = str(error)
+    if "WeightsUnpickler error:" in message:
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    first = lines[0].split(". ")[0] if lines else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def restart_from_checkpoint(ckp_path: str, run_variables: Optional[dict] = None, **kwargs) -> None:
@@ -554,6 +777,16 @@ def restart_from_checkpoint(ckp_path: str, run_variables: Optional[dict] = None,
         return
     print(f"Found checkpoint at {ckp_path}")
     checkpoint = load_checkpoint_file(ckp_path)
+    restore_objects(checkpoint, ckp_path, **kwargs)
+    if run_variables is not None:
+        for name in run_variables:
+            if name in checkpoint:
+                run_variables[name] = checkpoint[name]
+
+
+def restore_objects(checkpoint: dict, ckp_path: str, **kwargs) -> None:
+    """load_state_dict of each named object from checkpoint[name], as the reference does
+    (non-strict for modules); a shape mismatch is a one-line InputError."""
     for key, value in kwargs.items():
         if value is None:
             continue
@@ -569,10 +802,13 @@ def restart_from_checkpoint(ckp_path: str, run_variables: Optional[dict] = None,
                 print(f"=> loaded '{key}' from checkpoint: '{ckp_path}'")
             except ValueError:
                 print(f"=> failed to load '{key}' from checkpoint: '{ckp_path}'")
-    if run_variables is not None:
-        for name in run_variables:
-            if name in checkpoint:
-                run_variables[name] = checkpoint[name]
+        except RuntimeError as error:
+            mismatches = [line.strip() for line in str(error).splitlines()
+                          if line.strip().startswith("size mismatch")]
+            raise InputError(f"'{key}' in {ckp_path!r} does not fit the model built from the "
+                             f"flags ({len(mismatches)} tensors differ, e.g. "
+                             f"{(mismatches or [str(error)])[0]}): resume with the flags of the "
+                             "run that wrote it, or use another --output_dir") from error
 
 
 # Stem of each reference release: its folder is `<stem>_pretrain/`, holding the backbone
@@ -775,8 +1011,20 @@ class MetricLogger:
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
 
-    def log_every(self, iterable: Iterable, print_freq: int, header: str = "") -> Iterator:
-        total = len(iterable)
+    def running_sums(self) -> Dict[str, Tuple[float, int]]:
+        """{name: (total, count)}: what the global averages are made of (for a checkpoint)."""
+        return {name: (meter.total, meter.count) for name, meter in self.meters.items()}
+
+    def restore_running_sums(self, sums: Dict[str, Tuple[float, int]]) -> None:
+        """Continue the global averages from running_sums() (the windows start empty)."""
+        for name, (total, count) in sums.items():
+            self.meters[name].total, self.meters[name].count = total, count
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "",
+                  first: int = 0) -> Iterator:
+        """Yield the items, printing progress; `first` numbers them from a later item (a
+        resumed epoch), out of first + len(iterable)."""
+        total = first + len(iterable)
         start = end = time.time()
         iter_time = SmoothedValue(fmt="{avg:.6f}")
         data_time = SmoothedValue(fmt="{avg:.6f}")
@@ -786,11 +1034,11 @@ class MetricLogger:
         if torch.cuda.is_available():
             fields.append("max mem: {memory:.0f}")
         line = self.delimiter.join(fields)
-        for i, obj in enumerate(iterable):
+        for i, obj in enumerate(iterable, start=first):
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
-            if i % print_freq == 0 or i == total - 1:
+            if i % print_freq == 0 or i == first or i == total - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
                 memory = torch.cuda.max_memory_allocated() / 2 ** 20 \
                     if torch.cuda.is_available() else 0
@@ -799,23 +1047,50 @@ class MetricLogger:
             end = time.time()
         total_time = time.time() - start
         print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
-              f"({total_time / max(total, 1):.6f} s / it)")
+              f"({total_time / max(total - first, 1):.6f} s / it)")
 
 
 def append_json_line(path: str, record: dict) -> None:
-    """Append one JSON object as a line of a log file (rank 0 only)."""
-    if is_main_process():
-        with open(path, "a") as log_file:
+    """Append one JSON object as a line of a log file (rank 0 only).
+
+    A failed write (a full disk) is cut off again, so that the log never keeps half a line,
+    and is an InputError naming the file and the cause.
+    """
+    if not is_main_process():
+        return
+    with open(path, "a") as log_file:
+        length = log_file.tell()
+        try:
             log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        except OSError as error:
+            log_file.truncate(length)
+            raise write_error(path, error) from error
 
 
 def truncate_json_log(path: str, first_epoch_to_drop: int) -> None:
-    """Drop log lines of epochs a resumed run will redo, so the log holds each epoch once."""
+    """Drop log lines of epochs a resumed run will redo, so the log holds each epoch once.
+
+    A torn last line (a run killed, or a disk full, during the append) is dropped with a
+    warning; any other line that is not JSON is an InputError.
+    """
     if not is_main_process() or not os.path.isfile(path):
         return
     with open(path) as log_file:
         lines = [line for line in log_file if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", -1) < first_epoch_to_drop]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise InputError(f"line {number} of {path!r} is not JSON ({error}): repair or "
+                                 "delete the line") from error
+            print(f"Warning: dropping the torn last line of {path} (a run stopped while "
+                  f"writing it): {line.strip()[:80]!r}")
+    # A torn last line has no record, so zip leaves it out.
+    kept = [line for line, record in zip(lines, records)
+            if record.get("epoch", -1) < first_epoch_to_drop]
     if len(kept) != len(lines):
         tmp_path = f"{path}.tmp{os.getpid()}"
         with open(tmp_path, "w") as log_file:
@@ -830,19 +1105,48 @@ def truncate_json_log(path: str, first_epoch_to_drop: int) -> None:
 def build_pretraining_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
                              collate_fn: Optional[Callable] = None
                              ) -> torch.utils.data.DataLoader:
-    """Shuffled per-rank batches of `args.batch_size_per_gpu`, dropping the last partial one."""
-    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True)
+    """Shuffled per-rank batches of `args.batch_size_per_gpu`, in whole optimizer steps of
+    --grad_accum_steps batches; resumable part-way through an epoch (ResumableSampler)."""
+    # main_dino's flag; other scripts' namespaces (and older ones) have no accumulation.
+    batches_per_step = getattr(args, "grad_accum_steps", 1)
+    sampler = ResumableSampler(dataset, args.batch_size_per_gpu * batches_per_step)
+    # The workers' base seeds come from a generator of the loader's own, so that creating an
+    # iterator never moves the global random stream (the step's dropout draws).
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
-        persistent_workers=args.num_workers > 0, collate_fn=collate_fn)
+        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator().manual_seed(args.seed), collate_fn=collate_fn)
+    if args.num_workers > 0:
+        atexit.unregister(kill_daemon_children)
+        atexit.register(kill_daemon_children)
     if len(loader) == 0:
+        per_step = f"{args.batch_size_per_gpu} per process" if batches_per_step == 1 else \
+            f"{args.batch_size_per_gpu} x {batches_per_step} (--grad_accum_steps) per process"
         raise InputError(
             f"{len(dataset)} images in {args.data_path!r} do not fill one batch of "
-            f"{args.batch_size_per_gpu} per process x {get_world_size()} processes: "
-            "lower --batch_size_per_gpu")
+            f"{per_step} x {get_world_size()} processes: lower --batch_size_per_gpu")
     print(f"Data loaded: there are {len(dataset)} images.")
     return loader
+
+
+class StepBatches:
+    """A loader's batches grouped `per_step` at a time: the micro-batches of each optimizer
+    step (lists of one batch without gradient accumulation)."""
+
+    def __init__(self, loader: Iterable, per_step: int):
+        self.loader, self.per_step = loader, per_step
+
+    def __len__(self) -> int:
+        return len(self.loader) // self.per_step
+
+    def __iter__(self) -> Iterator[list]:
+        step = []
+        for batch in self.loader:
+            step.append(batch)
+            if len(step) == self.per_step:
+                yield step
+                step = []
 
 
 # ------------------------------------------------------------------------------------------------

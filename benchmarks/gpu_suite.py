@@ -373,7 +373,7 @@ def loader_task(suite: Suite) -> List[dict]:
     def train(crops, sync=False, threads=None):
         if threads:
             torch.set_num_threads(threads)
-        main_dino.training_step(training, crops, 0, step["it"])
+        main_dino.training_step(training, [crops], 0, step["it"])
         step["it"] += 1
         if sync and suite.device.type == "cuda":
             torch.cuda.synchronize()

@@ -155,20 +155,21 @@ def test_seeded_augmenters_repeat_and_no_locals_gives_two_crops(chelsea):
     assert [c.shape for c in no_locals(canvases, sizes)] == [(3, 3, 32, 32)] * 2
 
 
-def test_each_epoch_draws_its_own_stream_and_a_resumed_epoch_repeats_it():
+def test_each_batch_draws_its_own_stream_and_a_resumed_epoch_repeats_it():
     sizes = torch.tensor([[120, 80], [64, 64], [50, 90]])
 
-    def two_batches(augmenter, epoch):
-        augmenter.set_epoch(epoch)
-        return [augmenter.sample_params(sizes, augmenter.generator)[0].boxes for _ in range(2)]
+    def two_batches(augmenter, epoch, first_batch=0):
+        augmenter.set_epoch(epoch, first_batch)
+        return [augmenter.next_params(sizes)[0].boxes for _ in range(2)]
 
     run = ga.MultiCropAugmenter(GLOBAL_SCALE, LOCAL_SCALE, 2, 32, 16, seed=0, rank=1)
     epoch0, epoch1 = two_batches(run, 0), two_batches(run, 1)
     assert not torch.equal(epoch0[0], epoch0[1])  # batches of one epoch differ
     assert not torch.equal(epoch0[0], epoch1[0])  # batch k of two epochs differs
     resumed = ga.MultiCropAugmenter(GLOBAL_SCALE, LOCAL_SCALE, 2, 32, 16, seed=0, rank=1)
-    resumed.sample_params(sizes, resumed.generator)  # a different history before the resume
+    resumed.next_params(sizes)  # a different history before the resume
     assert all(torch.equal(a, b) for a, b in zip(two_batches(resumed, 1), epoch1))
+    assert torch.equal(two_batches(resumed, 1, first_batch=1)[0], epoch1[1])  # mid-epoch
     other_rank = ga.MultiCropAugmenter(GLOBAL_SCALE, LOCAL_SCALE, 2, 32, 16, seed=1, rank=0)
     assert not torch.equal(two_batches(other_rank, 0)[0], epoch0[0])  # not seed + rank
 
@@ -220,7 +221,7 @@ def test_gpu_decode_workers_read_bytes_and_the_decoded_canvases_match(
     (tmp_path / "d.jpg").write_bytes(b"not an image")  # skipped in the worker
     args = argparse.Namespace(
         data_path=str(tmp_path), batch_size_per_gpu=3, num_workers=0, gpu_decode=True,
-        canvas_size=256)
+        canvas_size=256, seed=0)
     dataset = ga.build_canvas_loader(args).dataset
     encoded, skipped = ga.collate_encoded([dataset[i] for i in range(4)])
     assert [data.dtype for data in encoded] == [torch.uint8] * 4

@@ -344,7 +344,8 @@ def two_epoch_run(small_folder, tmp_path_factory):
 @pytest.mark.slow
 def test_two_epochs_write_reference_files_and_keys(two_epoch_run):
     output_dir, result = two_epoch_run
-    assert sorted(os.listdir(output_dir)) == ["checkpoint.pth", "checkpoint0000.pth", "log.txt"]
+    assert sorted(os.listdir(output_dir)) == ["checkpoint.pth", "checkpoint0000.pth",
+                                              "curves.png", "log.txt"]
     checkpoint = utils.load_checkpoint_file(str(output_dir / "checkpoint.pth"))
     assert list(checkpoint) == ["student", "teacher", "optimizer", "epoch", "args", "dino_loss"]
     assert checkpoint["epoch"] == 2
