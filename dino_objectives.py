@@ -12,7 +12,7 @@
 import argparse
 import math
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -115,8 +115,9 @@ def build_objectives(args: argparse.Namespace, device: torch.device) -> Objectiv
 # Teacher targets: centring or Sinkhorn-Knopp
 # ------------------------------------------------------------------------------------------------
 
-def teacher_probabilities(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float,
-                          centering: str) -> torch.Tensor:
+def teacher_probabilities(teacher_logits: torch.Tensor, center: torch.Tensor,
+                          temperature: Union[float, torch.Tensor], centering: str
+                          ) -> torch.Tensor:
     """Target distributions (rows) from teacher logits, in float32 and without gradient."""
     logits = teacher_logits.detach().float()
     if centering == "sinkhorn_knopp":
@@ -338,8 +339,8 @@ class MaskedMultiCropWrapper(utils.MultiCropWrapper):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module,
-                 ibot_head: Optional[nn.Module] = None):
-        super().__init__(backbone, head)
+                 ibot_head: Optional[nn.Module] = None, packed: bool = False):
+        super().__init__(backbone, head, packed)
         self.ibot_head = ibot_head
 
     def forward(self, crops: List[torch.Tensor], patch_masks: Optional[PatchMasks] = None,

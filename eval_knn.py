@@ -3,6 +3,7 @@ import argparse
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -58,7 +59,8 @@ def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(model: nn.Module, data_loader, device: torch.device,
-                     storage_device: torch.device) -> Optional[torch.Tensor]:
+                     storage_device: torch.device, print_freq: int = 10
+                     ) -> Optional[torch.Tensor]:
     """(dataset size, D) features in dataset order on rank 0; None on other ranks.
 
     Every rank gets the same number of batches of the same size (the sampler pads), so the
@@ -66,7 +68,7 @@ def extract_features(model: nn.Module, data_loader, device: torch.device,
     """
     metric_logger = utils.MetricLogger(delimiter="  ")
     features = None
-    for samples, index in metric_logger.log_every(data_loader, 10):
+    for samples, index in metric_logger.log_every(data_loader, print_freq):
         batch_features = model(samples.to(device, non_blocking=True)).float()
         batch_features = gather_from_ranks(batch_features)
         index = gather_from_ranks(index.to(device))
@@ -85,28 +87,35 @@ def dataset_labels(dataset: datasets.ImageFolder) -> torch.Tensor:
 
 
 def build_loader(dataset, args: argparse.Namespace) -> torch.utils.data.DataLoader:
-    """Each rank extracts its share of the images, in dataset order."""
-    return utils.eval_loader(dataset, args,
-                             torch.utils.data.DistributedSampler(dataset, shuffle=False))
+    """Each rank extracts its share of the images, in dataset order (all of them without a
+    process group)."""
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) \
+        if utils.is_dist_avail_and_initialized() else None
+    return utils.eval_loader(dataset, args, sampler)
 
 
-def extract_feature_bank(args: argparse.Namespace, storage_device: torch.device
-                         ) -> Optional[Dict[str, torch.Tensor]]:
-    """Normalised train/test features and labels, keyed by file stem (rank 0; None elsewhere)."""
-    transform = utils.eval_transform(args.resize_size, args.crop_size)
-    train_set = utils.image_folder(args.data_path, "train", transform, ReturnIndexDataset)
-    test_set = utils.image_folder(args.data_path, "val", transform, ReturnIndexDataset)
+def load_datasets(data_path: str, resize_size: int, crop_size: int, ks: Sequence[int]
+                  ) -> Tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """The train/ and val/ class folders of data_path; any problem with them is an InputError."""
+    transform = utils.eval_transform(resize_size, crop_size)
+    train_set = utils.image_folder(data_path, "train", transform, ReturnIndexDataset)
+    test_set = utils.image_folder(data_path, "val", transform, ReturnIndexDataset)
     utils.check_same_classes(train_set, test_set)
-    check_knn_args(args.nb_knn, len(train_set))
-    print(f"Data loaded with {len(train_set)} train and {len(test_set)} val imgs.")
+    check_knn_args(ks, len(train_set))
+    return train_set, test_set
 
-    device = utils.device_of(args)
-    model, _ = utils.build_frozen_backbone(args.arch, args.patch_size, args.pretrained_weights,
-                                           args.checkpoint_key, device)
+
+def compute_feature_bank(model: nn.Module, train_set: datasets.ImageFolder,
+                         test_set: datasets.ImageFolder, args: argparse.Namespace,
+                         device: torch.device, storage_device: torch.device,
+                         print_freq: int = 10) -> Optional[Dict[str, torch.Tensor]]:
+    """Normalised train/test features and labels, keyed by file stem (rank 0; None elsewhere)."""
     print("Extracting features for train set...")
-    train_features = extract_features(model, build_loader(train_set, args), device, storage_device)
+    train_features = extract_features(model, build_loader(train_set, args), device,
+                                      storage_device, print_freq)
     print("Extracting features for val set...")
-    test_features = extract_features(model, build_loader(test_set, args), device, storage_device)
+    test_features = extract_features(model, build_loader(test_set, args), device,
+                                     storage_device, print_freq)
     if not utils.is_main_process():
         return None
     return {  # normalised in place: a second copy of a 1.28M-image bank would need 2 GB more
@@ -115,6 +124,30 @@ def extract_feature_bank(args: argparse.Namespace, storage_device: torch.device
         "trainlabels": dataset_labels(train_set).to(storage_device),
         "testlabels": dataset_labels(test_set).to(storage_device),
     }
+
+
+def extract_feature_bank(args: argparse.Namespace, storage_device: torch.device
+                         ) -> Optional[Dict[str, torch.Tensor]]:
+    """The feature bank of --pretrained_weights on --data_path (rank 0; None elsewhere)."""
+    train_set, test_set = load_datasets(args.data_path, args.resize_size, args.crop_size,
+                                        args.nb_knn)
+    print(f"Data loaded with {len(train_set)} train and {len(test_set)} val imgs.")
+    device = utils.device_of(args)
+    model, _ = utils.build_frozen_backbone(args.arch, args.patch_size, args.pretrained_weights,
+                                           args.checkpoint_key, device)
+    return compute_feature_bank(model, train_set, test_set, args, device, storage_device)
+
+
+def pixel_feature_bank(splits: Dict[str, Tuple[np.ndarray, np.ndarray]]
+                       ) -> Dict[str, torch.Tensor]:
+    """Raw pixels as features: each image of {"train"|"val": (images, labels)} flattened and
+    L2-normalised, in the layout of extract_feature_bank."""
+    bank = {}
+    for prefix, (images, labels) in (("train", splits["train"]), ("test", splits["val"])):
+        pixels = torch.tensor(images.reshape(len(images), -1), dtype=torch.float)
+        bank[f"{prefix}feat"] = F.normalize(pixels, dim=1)
+        bank[f"{prefix}labels"] = torch.tensor(labels, dtype=torch.long)
+    return bank
 
 
 def dump_feature_bank(bank: Dict[str, torch.Tensor], folder: str) -> None:
@@ -167,12 +200,50 @@ def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor,
             for k, counts in hits.items()}
 
 
+def bank_top1(bank: Dict[str, torch.Tensor], k: int = 20, temperature: float = 0.07) -> float:
+    """Weighted k-NN top-1 (%) of a feature bank's test features against its train features."""
+    num_classes = int(max(bank["trainlabels"].max(), bank["testlabels"].max())) + 1
+    return knn_classifier(bank["trainfeat"], bank["trainlabels"], bank["testfeat"],
+                          bank["testlabels"], [k], temperature, num_classes)[k][0]
+
+
 def check_knn_args(ks: Sequence[int], bank_size: int) -> None:
     if min(ks) < 1:
         raise utils.InputError(f"--nb_knn values must be positive, got {list(ks)}")
     if max(ks) > bank_size:
         raise utils.InputError(f"--nb_knn {max(ks)} exceeds the {bank_size} training images: "
                                "pass smaller --nb_knn values")
+
+
+class KnnMonitor:
+    """main_dino's k-NN during training: weighted k-NN top-1 of a backbone being trained.
+
+    The folders are read (and checked) once at start-up; each call extracts the features of
+    data_path/train and data_path/val with the model as it is, on every rank, and votes on rank 0.
+    Images are resized and center-cropped to `image_size`.
+    """
+
+    def __init__(self, data_path: str, image_size: int, args: argparse.Namespace, k: int = 20,
+                 temperature: float = 0.07):
+        self.train_set, self.test_set = load_datasets(data_path, image_size, image_size, [k])
+        self.args = args  # batch_size_per_gpu and num_workers of the loaders
+        self.k, self.temperature = k, temperature
+        print(f"k-NN monitor: {len(self.train_set)} train and {len(self.test_set)} val images "
+              f"of {len(self.train_set.classes)} classes in {data_path}.")
+
+    @torch.no_grad()
+    def top1(self, model: nn.Module, device: torch.device, autocast) -> Optional[float]:
+        """k-NN top-1 (%) of `model`'s features (rank 0; None elsewhere); the model's mode is
+        kept."""
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast:
+                bank = compute_feature_bank(model, self.train_set, self.test_set, self.args,
+                                            device, device, print_freq=10 ** 9)
+        finally:
+            model.train(was_training)
+        return None if bank is None else bank_top1(bank, self.k, self.temperature)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -15,8 +15,8 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import (ContextManager, Dict, Iterable, List, NamedTuple, Optional, Sequence,
-                    Tuple, Union)
+from typing import (Callable, ContextManager, Dict, Iterable, List, NamedTuple, Optional,
+                    Sequence, Tuple, Union)
 
 import numpy as np
 import torch
@@ -29,7 +29,9 @@ import dino_checkpoint
 import dino_distillation
 import dino_objectives
 import dino_sharding
+import eval_knn
 import gpu_augment
+import plot_log
 import utils
 from vision_transformer import DINOHead
 
@@ -95,6 +97,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", type=utils.bool_flag, default=None,
                         help="torch.compile the backbones and heads (default: on with CUDA, off "
                              "on the CPU). Same results up to float rounding.")
+    parser.add_argument("--compile_scope", default="modules", choices=["modules", "step"],
+                        help="With --compile: compile the backbones and heads one by one "
+                             "(modules), or the teacher and student forward passes and the loss "
+                             "as one graph with its backward (step).")
+    parser.add_argument("--compile_mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode with --compile; reduce-overhead replays CUDA "
+                             "graphs (fewer kernel launches; static shapes, more memory).")
+    parser.add_argument("--packed_forward", type=utils.bool_flag, default=False,
+                        help="One ViT pass for the global and local crops together: token-wise "
+                             "layers on all tokens at once, attention per resolution. Same "
+                             "outputs up to float rounding, but drop-path draws differ.")
+    parser.add_argument("--efficient_drop_path", type=utils.bool_flag, default=False,
+                        help="Stochastic depth that runs each residual branch only on the images "
+                             "it keeps (a fixed number per batch, rescaled to the same expected "
+                             "update) instead of computing and masking; ViTs only. Draws differ "
+                             "from the reference's.")
     parser.add_argument("--weight_decay", type=float, default=0.04,
                         help="Initial value of the weight decay. With ViT, a smaller value at the "
                              "beginning of training works well.")
@@ -183,6 +202,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="Number of data loading workers per GPU.")
+
+    # Monitoring
+    parser.add_argument("--knn_data_path", default="", type=str,
+                        help="Folder with train/ and val/ class sub-folders: every --knn_freq "
+                             "epochs and at the last one, log the teacher's weighted 20-NN top-1 "
+                             "on val/ against train/ (knn_top1 in log.txt), images resized to "
+                             "--global_crops_size. Off when empty.")
+    parser.add_argument("--knn_freq", default=1, type=int,
+                        help="Epochs between two k-NN evaluations (with --knn_data_path).")
+    parser.add_argument("--tensorboard_dir", default="", type=str,
+                        help="Also write the per-epoch scalars of log.txt to TensorBoard event "
+                             "files in this folder (needs the tensorboard package).")
     utils.add_distributed_args(parser)
     parser.add_argument("--dist_timeout_minutes", default=10.0, type=float,
                         help="How long a process waits for the others (at a collective) before "
@@ -241,6 +272,10 @@ def check_flags(args: argparse.Namespace) -> None:
             raise utils.InputError(f"--{name} must be 0 or more (got {getattr(args, name)})")
     if args.init_from and not os.path.isfile(args.init_from):
         raise utils.InputError(f"--init_from {args.init_from!r} is not a file")
+    if args.compile is not False and args.compile_scope == "step" and args.grad_accum_steps > 1:
+        # The compiled step would hold the center's running sum across its CUDA graphs.
+        raise utils.InputError("--compile_scope step does not combine with --grad_accum_steps > 1:"
+                               " use --compile_scope modules")
     check_switch_flags(args)
     warn_on_dropped_pixels(args)
 
@@ -252,6 +287,8 @@ def check_schedule_flags(args: argparse.Namespace) -> None:
     if args.warmup_epochs > args.epochs:
         raise utils.InputError(f"--warmup_epochs ({args.warmup_epochs}) is longer than --epochs "
                                f"({args.epochs}): lower --warmup_epochs")
+    if args.knn_freq < 1:
+        raise utils.InputError(f"--knn_freq must be at least 1 (got {args.knn_freq})")
 
 
 def warn_on_dropped_pixels(args: argparse.Namespace) -> None:
@@ -275,6 +312,10 @@ def check_switch_flags(args: argparse.Namespace) -> None:
         raise utils.InputError(f"--num_register_tokens needs a ViT, not {args.arch}")
     dino_objectives.check_objective_args(args)
     dino_sharding.check_sharding_args(args)
+    switched = dino_objectives.uses_objectives(args) or args.sharding != "none"
+    if args.compile is not False and args.compile_scope == "step" and switched:
+        raise utils.InputError("--compile_scope step compiles the v1 DINO step only: use "
+                               "--compile_scope modules with KoLeo, iBOT, distillation or FSDP")
 
 
 def train_dino(args: argparse.Namespace) -> None:
@@ -289,6 +330,11 @@ def train_dino(args: argparse.Namespace) -> None:
     torch.backends.cudnn.benchmark = True
 
     data_loader = build_data_loader(args)
+    # Checked at start-up: a bad k-NN folder or a missing package fails now, not after an epoch.
+    knn_monitor = eval_knn.KnnMonitor(args.knn_data_path, args.global_crops_size, args) \
+        if args.knn_data_path else None
+    tensorboard = plot_log.open_tensorboard(args.tensorboard_dir) if args.tensorboard_dir \
+        else None
     prepare_crops = CropPreparer(args, device)
     training = build_training(args, device, len(data_loader) // args.grad_accum_steps)
 
@@ -313,8 +359,15 @@ def train_dino(args: argparse.Namespace) -> None:
             print(f"Warning: {stats['skipped_images']} unreadable images were skipped in epoch "
                   f"{epoch}.")
         warn_on_collapse(stats, args.out_dim)
+        record = epoch_log_record(stats, epoch)
+        if knn_monitor is not None and knn_due(epoch, args.knn_freq, args.epochs):
+            record["knn_top1"] = teacher_knn_top1(knn_monitor, training, device)
         # The log line goes first: a resumed run drops lines of epochs it redoes.
-        utils.append_json_line(log_path, epoch_log_record(stats, epoch))
+        utils.append_json_line(log_path, record)
+        if utils.is_main_process():
+            plot_log.save_curves(log_path, os.path.join(args.output_dir, "curves.png"),
+                                 args.out_dim)
+            plot_log.write_tensorboard(tensorboard, record)
         checkpoints.save_epoch_end(epoch)
     stop_signals.uninstall()
     total_time = time.time() - start_time
@@ -362,6 +415,22 @@ def epoch_log_record(stats: Dict[str, float], epoch: int) -> dict:
     record.update({f"train_{name}": value for name, value in stats.items()
                    if name not in reference_names})
     return record
+
+
+def knn_due(epoch: int, knn_freq: int, epochs: int) -> bool:
+    """After every knn_freq-th epoch (counting from 1) and after the last one."""
+    return (epoch + 1) % knn_freq == 0 or epoch + 1 == epochs
+
+
+def teacher_knn_top1(knn_monitor: eval_knn.KnnMonitor, training: DinoTraining,
+                     device: torch.device) -> Optional[float]:
+    """The teacher backbone's k-NN top-1 (rank 0; None elsewhere), printed with its cost."""
+    start = time.time()
+    top1 = knn_monitor.top1(training.teacher_without_ddp.backbone, device, training.autocast)
+    if top1 is not None:
+        print(f"k-NN: the teacher's weighted {knn_monitor.k}-NN top-1 is {top1:.2f}% "
+              f"({time.time() - start:.1f} s)")
+    return top1
 
 
 def checkpoint_state(training: DinoTraining, resume_epoch: int, args: argparse.Namespace) -> dict:
@@ -484,6 +553,7 @@ class DinoTraining:
     fp16_scaler: Optional[torch.amp.GradScaler]
     autocast: ContextManager
     schedules: Dict[str, np.ndarray]  # per-iteration "lr", "wd" and teacher "momentum"
+    forward_loss: Callable            # `forward_loss`, or its compiled graph
     student_params: List[torch.Tensor]  # with --sharding fsdp: this rank's shards
     teacher_params: List[torch.Tensor]
     clip_grad: float
@@ -513,6 +583,8 @@ def build_training(args: argparse.Namespace, device: torch.device,
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     fp16_scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     schedules = build_schedules(args, iters_per_epoch)
+    step_forward = compiled_forward_loss(args.compile_mode) \
+        if args.compile and args.compile_scope == "step" else forward_loss
     objectives = dino_objectives.build_objectives(args, device) \
         if dino_objectives.uses_objectives(args) else None
     distillation = dino_distillation.build_distillation(args, device) \
@@ -521,7 +593,7 @@ def build_training(args: argparse.Namespace, device: torch.device,
                                         fp16_scaler, objectives, distillation)
     print("Loss, optimizer and schedulers ready.")
     return DinoTraining(student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
-                        autocast, schedules,
+                        autocast, schedules, step_forward,
                         dino_sharding.local_tensors(list(student.module.parameters())),
                         dino_sharding.local_tensors(list(teacher_without_ddp.parameters())),
                         args.clip_grad, args.freeze_last_layer, args.epochs, iters_per_epoch,
@@ -571,6 +643,8 @@ def training_step(training: DinoTraining, micro_batches: Iterable[List[torch.Ten
                   training.clip_grad, training.freeze_last_layer, training.freeze_backbone_epochs)
     update_teacher(training.student_params, training.teacher_params,
                    float(training.schedules["momentum"][it]))
+    # New tensors: CUDA-graph outputs are overwritten by the next step, and these are read 10
+    # steps on.
     return {name: total / accumulation for name, total in sums.items()}
 
 
@@ -589,10 +663,31 @@ def forward_loss(student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
                  crops: List[torch.Tensor], epoch: int,
                  autocast: ContextManager) -> Tuple[torch.Tensor, torch.Tensor]:
     """Teacher on the global crops, student on all crops; (loss, teacher diagnostics)."""
+    return forward_loss_at(student, teacher, dino_loss, crops, dino_loss.teacher_temps[epoch],
+                           autocast)
+
+
+def forward_loss_at(student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
+                    crops: List[torch.Tensor], teacher_temp: torch.Tensor,
+                    autocast: ContextManager) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`forward_loss` at a given teacher temperature (0-d tensor)."""
     with autocast:
         teacher_output = teacher(crops[:2])
         student_output = student(crops)
-        return dino_loss(student_output, teacher_output, epoch, return_diagnostics=True)
+        return dino_loss(student_output, teacher_output, None, return_diagnostics=True,
+                         teacher_temp=teacher_temp)
+
+
+def compiled_forward_loss(mode: str) -> Callable:
+    """`forward_loss` as one compiled graph (teacher, student, loss; AOTAutograd compiles its
+    backward too). The epoch enters as a temperature tensor, so epochs do not recompile."""
+    compiled = torch.compile(forward_loss_at, dynamic=False, mode=mode)
+
+    def run(student, teacher, dino_loss, crops, epoch, autocast):
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step (for CUDA graphs)
+        return compiled(student, teacher, dino_loss, crops, dino_loss.teacher_temps[epoch],
+                        autocast)
+    return run
 
 
 def forward_losses(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
@@ -601,10 +696,10 @@ def forward_losses(training: DinoTraining, crops: List[torch.Tensor], epoch: int
     DINOv2-era switches that and their terms; `draw` numbers the micro-batch (iBOT's masks)."""
     if training.objectives is not None:
         return forward_dinov2_losses(training, crops, epoch, draw)
-    loss, diagnostics = forward_loss(training.student, training.teacher, training.dino_loss,
-                                     crops, epoch, training.autocast)
-    return loss, {"loss": loss.detach(), "teacher_entropy": diagnostics[0],
-                  "teacher_kl": diagnostics[1]}
+    loss, diagnostics = training.forward_loss(training.student, training.teacher,
+                                              training.dino_loss, crops, epoch, training.autocast)
+    return loss, {"loss": loss.detach(),
+                  **dict(zip(training.dino_loss.diagnostic_names, diagnostics))}
 
 
 def forward_dinov2_losses(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
@@ -712,6 +807,7 @@ class DINOLoss(nn.Module):
         # "sinkhorn_knopp" (DINOv2) balances the teacher outputs instead; the center then stays.
         self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.diagnostic_names = ("teacher_entropy", "teacher_kl")
         # With gradient accumulation the center moves once per optimizer step, by the teacher's
         # mean over all its micro-batches (the sum so far is kept here).
         self.micro_batches = micro_batches
@@ -722,27 +818,34 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
+        self.register_buffer("teacher_temps", torch.tensor(self.teacher_temp_schedule,
+                                                           dtype=torch.float32), persistent=False)
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
-                return_diagnostics: bool = False
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                epoch: Optional[int], return_diagnostics: bool = False,
+                teacher_temp: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Loss averaged over all (teacher view, other student view) pairs; updates the center.
 
-        With return_diagnostics, also returns [teacher entropy, KL(batch mean || uniform)].
+        teacher_temp (0-d tensor) replaces the epoch's scheduled temperature: a compiled step
+        passes it as an input, so that a new epoch does not recompile. With return_diagnostics,
+        also returns [teacher entropy, KL(batch mean || uniform)], named by `diagnostic_names`.
         """
+        if teacher_temp is None:
+            teacher_temp = self.teacher_temps[epoch]
         # Each student log-softmax is computed once, in float32 even under autocast.
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
-        temp = self.teacher_temp_schedule[epoch]
-        teacher_probs = dino_objectives.teacher_probabilities(teacher_output, self.center, temp,
-                                                              self.centering)
-        total_loss, n_terms = 0.0, 0
-        for iq, q in enumerate(teacher_probs.chunk(2)):
-            for v, logp in enumerate(student_logp.chunk(self.ncrops)):
-                if v == iq:
-                    continue
-                total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
-                n_terms += 1
-        loss = total_loss / n_terms
+        teacher_probs = dino_objectives.teacher_probabilities(teacher_output, self.center,
+                                                              teacher_temp, self.centering)
+        batch = len(teacher_probs) // 2
+        student_views = student_logp.view(self.ncrops, batch, -1)
+        teacher_views = teacher_probs.view(2, batch, -1)
+        # Every student view is paired with both teacher views except its own, so its target is
+        # the sum of the teacher views minus the same-view one: two products in all, instead of
+        # one per (teacher view, student view) pair.
+        paired = (teacher_views.sum(dim=0) * student_views.sum(dim=0)).sum() \
+            - (teacher_views * student_views[:2]).sum()
+        loss = -paired / ((2 * self.ncrops - 2) * batch)
         if self.centering == "centering":
             self.update_center(teacher_output)
         if return_diagnostics:
@@ -795,11 +898,13 @@ def teacher_diagnostics(teacher_probs: torch.Tensor) -> torch.Tensor:
 
 def build_student_teacher(args: argparse.Namespace, device: torch.device
                           ) -> Tuple[nn.Module, nn.Module, nn.Module]:
-    """Student (DDP, or FSDP-sharded) and teacher multi-crop networks; the teacher starts as the
-    student's copy."""
+    """Student (DDP, FSDP-sharded, or DDP's one-process stand-in) and teacher multi-crop
+    networks; the teacher starts as the student's copy."""
     vit_options = backbone_options(args)
+    student_options = {"skip_dropped_paths": True} if args.efficient_drop_path else {}
     student_backbone, embed_dim = utils.build_backbone(args.arch, args.patch_size,
-                                                       args.drop_path_rate, **vit_options)
+                                                       args.drop_path_rate, **vit_options,
+                                                       **student_options)
     teacher_backbone, _ = utils.build_backbone(args.arch, args.patch_size, 0.0, **vit_options)
     student = multi_crop_network(args, student_backbone, embed_dim, args.norm_last_layer)
     teacher = multi_crop_network(args, teacher_backbone, embed_dim, norm_last_layer=True)
@@ -817,11 +922,11 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device
         teacher = dino_sharding.shard(teacher, dtype, args.compile)
         return (dino_sharding.ShardedNetwork(student, key_prefix="module."),
                 dino_sharding.ShardedNetwork(teacher, key_prefix=""), teacher)
-    if args.compile:
+    if args.compile and args.compile_scope == "modules":
         for wrapper in (student, teacher):
             # Module.compile keeps the state_dict keys (no `_orig_mod.`): checkpoints stay as-is.
-            wrapper.backbone.compile(dynamic=False)
-            wrapper.head.compile(dynamic=False)
+            wrapper.backbone.compile(dynamic=False, mode=args.compile_mode)
+            wrapper.head.compile(dynamic=False, mode=args.compile_mode)
     device_ids = [args.gpu] if device.type == "cuda" else None
     # SyncBatchNorm runs on CUDA only; CPU processes keep per-process batch statistics.
     if utils.has_batchnorms(student) and device.type == "cuda":
@@ -832,7 +937,10 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device
         teacher_without_ddp = teacher.module
     else:
         teacher_without_ddp = teacher
-    student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+    if utils.get_world_size() == 1 and teacher is teacher_without_ddp:
+        student = utils.SingleProcessWrapper(student)  # one graph when compiled, fewer kernels
+    else:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
     teacher_without_ddp.load_state_dict(student.module.state_dict())
     for param in teacher.parameters():
         param.requires_grad = False
@@ -856,12 +964,13 @@ def multi_crop_network(args: argparse.Namespace, backbone: nn.Module, embed_dim:
     head = DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
                     norm_last_layer=norm_last_layer)
     if not dino_objectives.uses_objectives(args):
-        return utils.MultiCropWrapper(backbone, head)
+        return utils.MultiCropWrapper(backbone, head, packed=args.packed_forward)
     ibot_head = None
     if args.ibot_loss_weight and args.ibot_separate_head:
         ibot_head = DINOHead(embed_dim, args.ibot_out_dim or args.out_dim,
                              norm_last_layer=norm_last_layer)
-    return dino_objectives.MaskedMultiCropWrapper(backbone, head, ibot_head)
+    return dino_objectives.MaskedMultiCropWrapper(backbone, head, ibot_head,
+                                                  packed=args.packed_forward)
 
 
 def build_optimizer(args: argparse.Namespace, student: nn.Module,
@@ -893,6 +1002,10 @@ def build_schedules(args: argparse.Namespace, niter_per_ep: int) -> Dict[str, np
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
     """bf16 if asked for; fp16 on CUDA when --use_fp16; otherwise None (float32)."""
     if args.use_bf16:
+        if device.type == "cpu" and not utils.cpu_has_native_bf16():
+            print(f"Warning: this CPU has no native bfloat16 (AVX512-BF16 or AMX; torch reports "
+                  f"{torch.backends.cpu.get_cpu_capability()}), so --use_bf16 true will train "
+                  "much slower than float32 (bf16 matmuls are emulated): drop it here.")
         return torch.bfloat16
     if args.use_fp16 and device.type == "cuda":
         return torch.float16
@@ -953,7 +1066,9 @@ class DataAugmentationDINO:
 
 
 def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
-    """PIL multi-crop in the workers, or uint8 canvases for the batched augmenter."""
+    """PIL multi-crop in the workers, or uint8 canvases (or bytes) for the batched augmenter."""
+    if args.gpu_decode and not args.gpu_augment:
+        raise utils.InputError("--gpu_decode needs --gpu_augment true")
     if args.gpu_augment:
         return gpu_augment.build_canvas_loader(args)
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
@@ -967,12 +1082,14 @@ class CropPreparer:
     """Loader batch -> normalised float32 crops on the device, for either data path.
 
     With --gpu_augment the batched augmenter draws the crops here, from a random stream that
-    depends on (seed, rank, epoch, batch); otherwise the PIL workers' uint8 crops are normalised.
+    depends on (seed, rank, epoch, batch), after decoding the files with --gpu_decode;
+    otherwise the PIL workers' uint8 crops are normalised.
     """
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.device = device
         self.augmenter = gpu_augment.build_augmenter(args, device) if args.gpu_augment else None
+        self.decode_canvas_size = args.canvas_size if args.gpu_decode else None
         self.mean = torch.tensor(utils.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(utils.IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
@@ -982,6 +1099,8 @@ class CropPreparer:
             self.augmenter.set_epoch(epoch, first_batch)
 
     def __call__(self, batch: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        if self.decode_canvas_size:
+            batch = gpu_augment.decode_to_canvases(batch, self.decode_canvas_size, self.device)
         if self.augmenter is not None:
             return self.augmenter(*batch)
         # The same operations as ToTensor + Normalize, so the numbers are the PIL path's.

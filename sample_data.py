@@ -1,7 +1,7 @@
 """Small real image data that ships offline, written out as image folders for demos and tests."""
 import gzip
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -57,3 +57,25 @@ def load_fashion_mnist(folder: str, split: str, limit: Optional[int] = None
             "or point to a folder holding the four Fashion-MNIST idx .gz files")
     images, labels = read_idx(paths[0])[:limit], read_idx(paths[1])[:limit]
     return images, labels.astype(np.int64)
+
+
+
+def digits_train_val(val_size: int = 500, seed: int = 0
+                     ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """The bundled digits as uint8 8x8 images, split at random (seeded) into "val" (`val_size`
+    images) and "train" (the rest): {split: (images, labels)}."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).astype(np.uint8)
+    order = np.random.RandomState(seed).permutation(len(pixels))
+    return {"train": (pixels[order[val_size:]], digits.target[order[val_size:]]),
+            "val": (pixels[order[:val_size]], digits.target[order[:val_size]])}
+
+
+def write_splits(splits: Dict[str, Tuple[np.ndarray, np.ndarray]], root: str,
+                 size: Optional[int] = None) -> str:
+    """Write {split: (images, labels)} as `root/<split>/<label>/<index>.png` class folders."""
+    for split, (images, labels) in splits.items():
+        write_class_folders(images, labels, os.path.join(root, split), size)
+    return root

@@ -4,6 +4,7 @@ schedules and optimisation, model wrappers, data, checkpoints and weights, loggi
 import argparse
 import atexit
 import builtins
+import contextlib
 import datetime
 import errno
 import itertools
@@ -19,9 +20,8 @@ import sys
 import time
 import warnings
 from collections import defaultdict, deque
-from contextlib import contextmanager
-from typing import (Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional,
-                    Sequence, Tuple)
+from typing import (Callable, ContextManager, Dict, Iterable, Iterator, List, NamedTuple,
+                    Optional, Sequence, Set, Tuple)
 
 import numpy as np
 import torch
@@ -316,6 +316,41 @@ def device_of(args: argparse.Namespace) -> torch.device:
     return torch.device("cuda", args.gpu) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cpu_flags() -> Set[str]:
+    """The CPU's feature flags as the Linux kernel lists them (x86 `flags`, Arm `Features`);
+    empty where /proc/cpuinfo does not exist."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16(capability: Optional[str] = None,
+                        flags: Optional[Set[str]] = None) -> bool:
+    """Whether bfloat16 matmuls run natively on this CPU: AVX512-BF16 or AMX under torch's
+    AVX512 kernels, or Arm's BF16. Elsewhere (AVX2, say) bf16 is emulated and many times slower
+    than float32. Defaults: torch's CPU capability and cpu_flags()."""
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    flags = cpu_flags() if flags is None else flags
+    if "AVX512" in capability:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    if capability.startswith("SVE") or "asimd" in flags:
+        return "bf16" in flags
+    return False
+
+
+def fast_bf16_available() -> bool:
+    """bf16 autocast pays off here: a CUDA GPU that supports it, or a CPU where it is native."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
+
+
 def all_reduce_sum(values: Sequence[float]) -> List[float]:
     """Sums of `values` over all ranks, in float64 (on the GPU under nccl, which needs it)."""
     if not is_dist_avail_and_initialized():
@@ -441,13 +476,21 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 # ------------------------------------------------------------------------------------------------
 
 class MultiCropWrapper(nn.Module):
-    """Runs the backbone once per run of same-resolution crops, then the head once on all."""
+    """Runs the backbone once per run of same-resolution crops, then the head once on all.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    packed: one backbone pass for all resolutions (`VisionTransformer.forward_packed`), same
+    outputs up to float rounding.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False):
         super().__init__()
+        if packed and not hasattr(backbone, "forward_packed"):
+            raise InputError(f"--packed_forward needs one of our ViTs ({', '.join(VIT_ARCHS)}), "
+                             f"not {type(backbone).__name__}")
         backbone.fc, backbone.head = nn.Identity(), nn.Identity()
         self.backbone = backbone
         self.head = head
+        self.packed = packed
 
     def forward(self, x) -> torch.Tensor:
         crops = x if isinstance(x, (list, tuple)) else [x]
@@ -455,11 +498,31 @@ class MultiCropWrapper(nn.Module):
 
     def backbone_features(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
         """Backbone outputs of all crops, concatenated in crop order."""
+        batches = [torch.cat(list(same_size)) for _, same_size in
+                   itertools.groupby(crops, key=lambda crop: crop.shape[-1])]
+        if self.packed:
+            return self.backbone(batches)
         features = []
-        for _, same_size in itertools.groupby(crops, key=lambda crop: crop.shape[-1]):
-            output = self.backbone(torch.cat(list(same_size)))
+        for batch in batches:
+            output = self.backbone(batch)
             features.append(output[0] if isinstance(output, tuple) else output)
         return torch.cat(features)
+
+
+class SingleProcessWrapper(nn.Module):
+    """DDP's stand-in for a one-process run: the same `module.` state_dict keys and gradients,
+    without DDP's gradient buckets and their copy and all-reduce kernels."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self) -> ContextManager:
+        """As DDP's (gradient accumulation): nothing to skip in one process."""
+        return contextlib.nullcontext()
 
 
 def has_batchnorms(model: nn.Module) -> bool:
@@ -536,7 +599,7 @@ def open_rgb(path: str) -> Image.Image:
     return Image.fromarray(((pixels + 128) // 257).astype(np.uint8), mode="L").convert("RGB")
 
 
-@contextmanager
+@contextlib.contextmanager
 def seeded_randomness(seed: int) -> Iterator[None]:
     """Python's random and torch's CPU generator seeded with `seed` inside the block, and
     restored after it, so that the caller's random streams do not move."""
@@ -554,18 +617,20 @@ class ImageFiles(torch.utils.data.Dataset):
     """Every image under a folder (class sub-folders or none); labels are not used.
 
     An unreadable image is replaced by the next readable one, so that one bad file never stops
-    an epoch. Items are (transformed image, 1 if the requested file was unreadable else 0), so
-    that summing them counts each bad file once. Given a seed and a SampleKey, the transform's
-    random draws are a function of (seed, epoch, index) alone: the same whichever worker, or
-    the main process, loads the image, and after a resume.
+    an epoch. Items are (transform(loader(path)), 1 if the requested file was unreadable else 0),
+    so that summing them counts each bad file once; the loader raises OSError or ValueError on
+    unreadable files, and transform None leaves its output as it is. Given a seed and a SampleKey,
+    the transform's random draws are a function of (seed, epoch, index) alone: the same whichever
+    worker, or the main process, loads the image, and after a resume.
     """
 
-    def __init__(self, root: str, transform: Callable, max_skips: int = 50,
-                 seed: Optional[int] = None):
+    def __init__(self, root: str, transform: Optional[Callable], max_skips: int = 50,
+                 seed: Optional[int] = None, loader: Callable[[str], object] = open_rgb):
         self.paths = find_images(root)
         self.transform = transform
         self.max_skips = max_skips
         self.seed = seed
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -576,10 +641,12 @@ class ImageFiles(torch.utils.data.Dataset):
         for attempt in range(attempts):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
-                image = open_rgb(path)
+                image = self.loader(path)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 warnings.warn(f"skipping unreadable image {path}: {error}")
                 continue
+            if self.transform is None:
+                return image, int(attempt > 0)
             if self.seed is None or epoch is None:
                 return self.transform(image), int(attempt > 0)
             with seeded_randomness(mixed_seed(self.seed, epoch, index)):
@@ -686,21 +753,22 @@ def write_failure_cause(path: str, error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
-def load_checkpoint_file(path: str) -> dict:
+def load_checkpoint_file(path: str, mmap: bool = False) -> dict:
     """torch.load a DINO checkpoint on CPU; the pickled argparse.Namespace is allow-listed.
 
-    A file torch cannot read is an InputError naming it as truncated or corrupt.
+    A file torch cannot read is an InputError naming it as truncated or corrupt. mmap=True maps
+    the tensors instead of reading them (cheap when only `args` is needed).
     """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for a file it cannot read
         if "Unsupported global" not in str(error):
             raise InputError(f"cannot read checkpoint {path!r}: the file is truncated or corrupt "
                              f"({unreadable_checkpoint_cause(error)}); delete it or replace it "
                              "with a good copy") from error
     # A trusted local file holding objects beyond tensors and Namespace (e.g. numpy scalars).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def unreadable_checkpoint_cause(error: Exception) -> str:
@@ -1071,8 +1139,9 @@ def truncate_json_log(path: str, first_epoch_to_drop: int) -> None:
 # Pretraining loader (shared by main_dino's PIL path and gpu_augment's canvas path)
 # ------------------------------------------------------------------------------------------------
 
-def build_pretraining_loader(dataset: torch.utils.data.Dataset,
-                             args: argparse.Namespace) -> torch.utils.data.DataLoader:
+def build_pretraining_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
+                             collate_fn: Optional[Callable] = None
+                             ) -> torch.utils.data.DataLoader:
     """Shuffled per-rank batches of `args.batch_size_per_gpu`, in whole optimizer steps of
     --grad_accum_steps batches; resumable part-way through an epoch (ResumableSampler)."""
     # main_dino's flag; other scripts' namespaces (and older ones) have no accumulation.
@@ -1084,7 +1153,7 @@ def build_pretraining_loader(dataset: torch.utils.data.Dataset,
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
         persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
-        generator=torch.Generator().manual_seed(args.seed))
+        generator=torch.Generator().manual_seed(args.seed), collate_fn=collate_fn)
     if args.num_workers > 0:
         atexit.unregister(kill_daemon_children)
         atexit.register(kill_daemon_children)

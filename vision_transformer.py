@@ -4,33 +4,84 @@ Attention runs through `F.scaled_dot_product_attention` (flash / memory-efficien
 the explicit softmax path is used only when attention probabilities are asked for. Optional
 DINOv2-era parts, absent by default (so the reference's keys stay exactly as they are): register
 tokens (Darcet et al., arXiv 2309.16588) and the mask token of iBOT's masked patches.
+
+Blocks also take *packed* tokens: the tokens of several batches of crops (one batch per resolution)
+flattened into one (sum of images * tokens, D) tensor, with a `layout` of (images, tokens) per
+batch. Token-wise layers then run once on every crop and attention runs per batch
+(`VisionTransformer.forward_packed`).
 """
 import math
 from functools import partial
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+Layout = Tuple[Tuple[int, int], ...]  # (images, tokens) of each batch in packed tokens
+
+
+def unpack(x: torch.Tensor, layout: Optional[Layout]) -> List[torch.Tensor]:
+    """Per-batch (images, tokens, ...) views of packed tokens; [x] when x is not packed."""
+    if layout is None:
+        return [x]
+    parts = x.split([images * tokens for images, tokens in layout])
+    return [part.view(images, tokens, *x.shape[1:])
+            for part, (images, tokens) in zip(parts, layout)]
+
+
+def pack(parts: Sequence[torch.Tensor], layout: Optional[Layout]) -> torch.Tensor:
+    """The inverse of `unpack`."""
+    if layout is None:
+        return parts[0]
+    flat = [part.flatten(0, 1) for part in parts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False,
+              layout: Optional[Layout] = None) -> torch.Tensor:
     """Stochastic depth: zero whole samples of a residual branch, rescaling the kept ones."""
     if drop_prob == 0.0 or not training:
         return x
     keep_prob = 1 - drop_prob
-    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = torch.empty(mask_shape, dtype=x.dtype, device=x.device).bernoulli_(keep_prob)
-    return x / keep_prob * mask
+    # One draw per image, shared by all its tokens.
+    masks = [part.new_empty(len(part), *[1] * (part.ndim - 1)).bernoulli_(keep_prob)
+             .expand(*part.shape[:-1], 1) for part in unpack(x, layout)]
+    return x / keep_prob * pack(masks, layout)
+
+
+def add_on_kept_images(x: torch.Tensor, branch: Callable, drop_prob: float,
+                       layout: Optional[Layout]) -> torch.Tensor:
+    """x + drop_path(branch(x)) in expectation, running the branch only on the kept images.
+
+    Each batch keeps a random subset of its images (all but round(p * images), at least one)
+    and scales their update by images / kept: every image's expected update is branch(x), as
+    with the masked drop_path, and dropped images cost nothing (DINOv2's efficient stochastic
+    depth; a fixed count keeps shapes static for compiled graphs).
+    """
+    parts = unpack(x, layout)
+    counts = [max(1, len(part) - round(drop_prob * len(part))) for part in parts]
+    chosen = [torch.randperm(len(part), device=x.device)[:count]
+              for part, count in zip(parts, counts)]
+    kept_layout = None if layout is None else tuple(
+        (count, tokens) for count, (_, tokens) in zip(counts, layout))
+    kept = pack([part[rows] for part, rows in zip(parts, chosen)], kept_layout)
+    updates = unpack(branch(kept, kept_layout), kept_layout)
+    return pack([part.index_add(0, rows, update.to(part.dtype), alpha=len(part) / len(rows))
+                 for part, rows, update in zip(parts, chosen, updates)], layout)
 
 
 class DropPath(nn.Module):
-    def __init__(self, drop_prob: float = 0.0):
+    """Stochastic depth with rate drop_prob; skip_dropped: Block skips dropped images instead."""
+
+    def __init__(self, drop_prob: float = 0.0, skip_dropped: bool = False):
         super().__init__()
         self.drop_prob = drop_prob
+        self.skip_dropped = skip_dropped
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
+    def forward(self, x: torch.Tensor, layout: Optional[Layout] = None) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training, layout)
 
 
 class Mlp(nn.Module):
@@ -60,12 +111,19 @@ class Attention(nn.Module):
         # False forces the explicit softmax path everywhere (a reference-like baseline).
         self.fused_attn = True
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Return (output, attention probabilities or None)."""
-        batch, tokens, dim = x.shape
+    def forward(self, x: torch.Tensor, return_attention: bool = False,
+                layout: Optional[Layout] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Return (output, attention probabilities or None); packed x attends per batch."""
+        outputs, attentions = zip(*[self.attend(qkv, return_attention)
+                                    for qkv in unpack(self.qkv(x), layout)])
+        return self.proj_drop(self.proj(pack(outputs, layout))), attentions[0]
+
+    def attend(self, qkv: torch.Tensor, return_attention: bool
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One batch's (B, T, 3D) projections -> (B, T, D) attention output, probabilities."""
+        batch, tokens, _ = qkv.shape
         # qkv rows are [q | k | v], heads contiguous inside each: the reference weight layout.
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if return_attention or not self.fused_attn:
             attn = (q @ k.transpose(-2, -1)) * self.scale
@@ -75,8 +133,7 @@ class Attention(nn.Module):
             attn = None
             dropout = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
-        out = out.transpose(1, 2).reshape(batch, tokens, dim)
-        return self.proj_drop(self.proj(out)), attn
+        return out.transpose(1, 2).reshape(batch, tokens, -1), attn
 
 
 class Block(nn.Module):
@@ -84,21 +141,30 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, norm_layer=nn.LayerNorm):
+                 drop_path: float = 0.0, norm_layer=nn.LayerNorm, skip_dropped: bool = False):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = DropPath(drop_path, skip_dropped) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_attention: bool = False,
+                layout: Optional[Layout] = None) -> torch.Tensor:
         """Return the block output, or only the attention probabilities when asked for."""
-        y, attn = self.attn(self.norm1(x), return_attention=return_attention)
         if return_attention:
-            return attn
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            return self.attn(self.norm1(x), return_attention=True)[1]
+        x = self.residual(x, lambda h, lay: self.attn(self.norm1(h), layout=lay)[0], layout)
+        return self.residual(x, lambda h, lay: self.mlp(self.norm2(h)), layout)
+
+    def residual(self, x: torch.Tensor, branch: Callable,
+                 layout: Optional[Layout]) -> torch.Tensor:
+        """x + drop_path(branch(x)), the branch taking (tokens, layout)."""
+        if not (self.training and isinstance(self.drop_path, DropPath)):
+            return x + branch(x, layout)
+        if self.drop_path.skip_dropped:
+            return add_on_kept_images(x, branch, self.drop_path.drop_prob, layout)
+        return x + self.drop_path(branch(x, layout), layout)
 
 
 class PatchEmbed(nn.Module):
@@ -127,8 +193,8 @@ class VisionTransformer(nn.Module):
                  num_classes: int = 0, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: Optional[float] = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 norm_layer=nn.LayerNorm, num_register_tokens: int = 0,
-                 use_mask_token: bool = False, **kwargs):
+                 norm_layer=nn.LayerNorm, skip_dropped_paths: bool = False,
+                 num_register_tokens: int = 0, use_mask_token: bool = False, **kwargs):
         super().__init__()
         self.num_features = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size[0], patch_size, in_chans, embed_dim)
@@ -147,7 +213,7 @@ class VisionTransformer(nn.Module):
         drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                  drop_path_rates[i], norm_layer)
+                  drop_path_rates[i], norm_layer, skip_dropped_paths)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -174,7 +240,10 @@ class VisionTransformer(nn.Module):
                                 tokens[:, 1:]), dim=1)
         return self.pos_drop(tokens)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+        """[CLS] features of a batch of images, or of a list of batches (`forward_packed`)."""
+        if isinstance(x, (list, tuple)):
+            return self.forward_packed(x)
         x = self.prepare_tokens(x)
         for block in self.blocks:
             x = block(x)
@@ -188,6 +257,16 @@ class VisionTransformer(nn.Module):
             x = block(x)
         x = self.norm(x)
         return x[:, 0], x[:, 1 + self.num_register_tokens:]
+    def forward_packed(self, batches: Sequence[torch.Tensor]) -> torch.Tensor:
+        """torch.cat([self(batch) for batch in batches]) in one pass over packed tokens: each
+        batch holds images of one resolution; token-wise layers run once on all of them."""
+        tokens = [self.prepare_tokens(batch) for batch in batches]
+        layout = tuple((len(part), part.shape[1]) for part in tokens)
+        x = pack(tokens, layout)
+        for block in self.blocks:
+            x = block(x, layout=layout)
+        cls_tokens = torch.cat([part[:, 0] for part in unpack(x, layout)])
+        return self.head(self.norm(cls_tokens))
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities (B, heads, T, T) of the last block over [CLS] and the patches

@@ -6,7 +6,7 @@ mask_th{t}_head{j}.png: per head the smallest set of patches holding a fraction 
 import argparse
 import math
 import os
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import matplotlib.image
 import numpy as np
@@ -101,6 +101,24 @@ def save_overview(image: np.ndarray, attentions: np.ndarray, path: str) -> None:
     for ax, (title, picture) in zip(axes.flat, panels):
         ax.imshow(picture, interpolation="nearest")
         ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+
+
+def save_attention_rows(rows: Sequence[Tuple[str, np.ndarray, np.ndarray]], path: str) -> None:
+    """One figure, one row per (name, display image, per-head pixel maps): the input, every
+    head's attention and their mean."""
+    columns = 2 + max(len(maps) for _, _, maps in rows)
+    fig = Figure(figsize=(1.7 * columns, 1.8 * len(rows)), dpi=DPI)
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for row_axes, (name, image, maps) in zip(axes, rows):
+        panels = [(name, image)] + [(f"head {j}", attention) for j, attention in
+                                    enumerate(maps)] + [("mean", maps.mean(axis=0))]
+        for ax in row_axes:
+            ax.set_axis_off()
+        for ax, (title, picture) in zip(row_axes, panels):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
 

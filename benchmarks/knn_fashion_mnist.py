@@ -15,25 +15,34 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
-import numpy as np
-import torch
-
 import eval_knn
 import sample_data
+import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # main_dino.py flags for 28x28 grey images and a CPU budget of about 25 minutes (see the README).
-RECIPE = [
+CPU_RECIPE = [
     "--local_crops_size", "14", "--local_crops_number", "4",
     "--global_crops_scale", "0.4", "1", "--local_crops_scale", "0.15", "0.4",
     "--out_dim", "1024", "--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02",
     "--momentum_teacher", "0.99", "--lr", "0.002", "--min_lr", "1e-5", "--warmup_epochs", "2",
     "--epochs", "16", "--batch_size_per_gpu", "64", "--drop_path_rate", "0.0",
     "--norm_last_layer", "true", "--freeze_last_layer", "0",
-    "--weight_decay", "0.04", "--weight_decay_end", "0.1", "--use_bf16", "true",
-    "--saveckp_freq", "0",
+    "--weight_decay", "0.04", "--weight_decay_end", "0.1", "--saveckp_freq", "0",
+    "--knn_freq", "2",
 ]
+# --full: all 60,000 training images on one GPU in about 10 minutes (crops drawn on the GPU).
+GPU_RECIPE = CPU_RECIPE + [
+    "--epochs", "40", "--warmup_epochs", "4", "--batch_size_per_gpu", "256",
+    "--gpu_augment", "true", "--canvas_size", "28", "--knn_freq", "5",
+]
+
+
+def recipe_flags(full: bool) -> List[str]:
+    """The recipe's main_dino flags; bf16 only where it is native (never emulated on a CPU)."""
+    recipe = GPU_RECIPE if full else CPU_RECIPE
+    return [*recipe, "--use_bf16", str(utils.fast_bf16_available()).lower()]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,9 +53,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmark_output"), type=str,
                         help="Where the image folders, the checkpoint, the logs and "
                              "results.json go.")
-    parser.add_argument("--train_size", default=10000, type=int,
-                        help="First N training images: the pretraining set and the k-NN bank.")
-    parser.add_argument("--val_size", default=2000, type=int, help="First N test images.")
+    parser.add_argument("--full", action="store_true",
+                        help="The GPU mode: all 60,000 training and 10,000 test images and the "
+                             "GPU recipe (default: 10,000/2,000 and the CPU recipe).")
+    parser.add_argument("--train_size", default=None, type=int,
+                        help="First N training images: the pretraining set and the k-NN bank "
+                             "(default 10,000; 60,000 with --full).")
+    parser.add_argument("--val_size", default=None, type=int,
+                        help="First N test images (default 2,000; 10,000 with --full).")
     parser.add_argument("--arch", default="vit_tiny", type=str)
     parser.add_argument("--patch_size", default=7, type=int)
     parser.add_argument("--image_size", default=28, type=int,
@@ -57,19 +71,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dump_pixel_features(splits: Dict[str, Sequence[np.ndarray]], folder: str) -> None:
-    """Raw pixels, L2-normalised, in eval_knn.py's --load_features layout."""
-    bank = {}
-    for prefix, (images, labels) in (("train", splits["train"]), ("test", splits["val"])):
-        pixels = torch.tensor(images.reshape(len(images), -1), dtype=torch.float)
-        bank[f"{prefix}feat"] = torch.nn.functional.normalize(pixels, dim=1)
-        bank[f"{prefix}labels"] = torch.tensor(labels)
-    eval_knn.dump_feature_bank(bank, folder)
-
-
 def prepare_data(args: argparse.Namespace, data_dir: str, pixel_dir: str) -> Dict[str, int]:
     """Image folders for main_dino/eval_knn and raw-pixel features; the size of each split."""
-    limits = {"train": args.train_size, "val": args.val_size}
+    default_sizes = (60000, 10000) if args.full else (10000, 2000)
+    limits = {"train": args.train_size or default_sizes[0],
+              "val": args.val_size or default_sizes[1]}
     try:
         splits = {split: sample_data.load_fashion_mnist(args.fashion_dir, split, limit)
                   for split, limit in limits.items()}
@@ -78,7 +84,7 @@ def prepare_data(args: argparse.Namespace, data_dir: str, pixel_dir: str) -> Dic
     shutil.rmtree(data_dir, ignore_errors=True)  # stale images would join the folders
     for split, (images, labels) in splits.items():
         sample_data.write_class_folders(images, labels, os.path.join(data_dir, split))
-    dump_pixel_features(splits, pixel_dir)
+    eval_knn.dump_feature_bank(eval_knn.pixel_feature_bank(splits), pixel_dir)
     sizes = {split: len(labels) for split, (_, labels) in splits.items()}
     print(f"Wrote {sizes['train']} train and {sizes['val']} val images to {data_dir}.")
     return sizes
@@ -100,16 +106,24 @@ def run_script(command: List[str], log_path: str) -> str:
     return "".join(lines)
 
 
-def pretrain(args: argparse.Namespace, data_dir: str, main_dino_overrides: List[str]) -> str:
-    """Run main_dino.py from scratch with the recipe; return its checkpoint path."""
+def pretrain(args: argparse.Namespace, data_dir: str, main_dino_flags: List[str]) -> str:
+    """Run main_dino.py from scratch (k-NN on the val split logged per epoch); return its
+    output folder."""
     pretrain_dir = os.path.join(args.output_dir, "pretrain")
     shutil.rmtree(pretrain_dir, ignore_errors=True)  # main_dino would resume a checkpoint there
     run_script(["main_dino.py", "--data_path", os.path.join(data_dir, "train"),
                 "--output_dir", pretrain_dir, "--arch", args.arch,
                 "--patch_size", str(args.patch_size), "--global_crops_size", str(args.image_size),
-                "--num_workers", str(args.num_workers), *RECIPE, *main_dino_overrides],
-               os.path.join(args.output_dir, "pretrain.log"))
-    return os.path.join(pretrain_dir, "checkpoint.pth")
+                "--num_workers", str(args.num_workers), "--knn_data_path", data_dir,
+                *main_dino_flags], os.path.join(args.output_dir, "pretrain.log"))
+    return pretrain_dir
+
+
+def knn_curve(pretrain_dir: str) -> List[List[float]]:
+    """[[epoch, k-NN top-1], ...] from main_dino's log.txt."""
+    with open(os.path.join(pretrain_dir, "log.txt")) as log_file:
+        records = [json.loads(line) for line in log_file if line.strip()]
+    return [[record["epoch"], record["knn_top1"]] for record in records if "knn_top1" in record]
 
 
 def knn_top1(output: str, k: int) -> float:
@@ -147,14 +161,20 @@ def main(args: argparse.Namespace, main_dino_overrides: List[str]) -> None:
     data_dir = os.path.join(args.output_dir, "data")
     pixel_dir = os.path.join(args.output_dir, "pixel_features")
     sizes = prepare_data(args, data_dir, pixel_dir)
-    checkpoint = pretrain(args, data_dir, main_dino_overrides)
+    main_dino_flags = recipe_flags(args.full) + main_dino_overrides
+    pretrain_dir = pretrain(args, data_dir, main_dino_flags)
     pretrain_minutes = (time.time() - start) / 60
-    accuracies = knn_accuracies(args, data_dir, checkpoint, pixel_dir)
+    accuracies = knn_accuracies(args, data_dir, os.path.join(pretrain_dir, "checkpoint.pth"),
+                                pixel_dir)
     total_minutes = (time.time() - start) / 60
+    curve = knn_curve(pretrain_dir)
     with open(os.path.join(args.output_dir, "results.json"), "w") as results_file:
         json.dump({"top1": accuracies, "k": args.nb_knn, "sizes": sizes,
-                   "pretrain_minutes": pretrain_minutes, "total_minutes": total_minutes,
-                   "main_dino_flags": RECIPE + main_dino_overrides}, results_file, indent=1)
+                   "knn_curve": curve, "pretrain_minutes": pretrain_minutes,
+                   "total_minutes": total_minutes, "main_dino_flags": main_dino_flags},
+                  results_file, indent=1)
+    print("Teacher k-NN per epoch: " + ", ".join(f"{epoch}: {top1:.2f}%"
+                                                 for epoch, top1 in curve))
     print(f"\n{args.nb_knn}-NN top-1 on {sizes['val']} Fashion-MNIST test images (bank: "
           f"{sizes['train']} training images), {args.arch}/{args.patch_size} at "
           f"{args.image_size}px:")

@@ -87,3 +87,22 @@ def test_tiny_benchmark_runs_end_to_end(digits_as_fashion_mnist, run_script, tmp
     assert results["top1"]["raw pixels"] == pytest.approx(expected, abs=0.005)
     assert results["sizes"] == {"train": 120, "val": 40}
     assert results["main_dino_flags"][-2:] == ["--use_bf16", "false"]
+    assert [epoch for epoch, _ in results["knn_curve"]] == [0]  # the last epoch (20-NN)
+    assert 0 <= results["knn_curve"][0][1] <= 100
+
+
+@pytest.mark.slow
+def test_full_gpu_mode_smoke_runs_on_the_cpu(digits_as_fashion_mnist, run_script, tmp_path):
+    """--full's recipe (crops drawn by the batched augmenter) on a few images, on the CPU."""
+    folder, _, _ = digits_as_fashion_mnist
+    result = run_script(
+        "-m", "benchmarks.knn_fashion_mnist", "--full", "--fashion_dir", folder,
+        "--output_dir", str(tmp_path), "--train_size", "120", "--val_size", "40",
+        "--patch_size", "14", "--nb_knn", "5", "--num_workers", "0", "--epochs", "2",
+        "--warmup_epochs", "0", "--batch_size_per_gpu", "40", "--local_crops_number", "2",
+        "--out_dim", "64", "--knn_freq", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    with open(tmp_path / "results.json") as results_file:
+        results = json.load(results_file)
+    assert "--gpu_augment" in results["main_dino_flags"]
+    assert [epoch for epoch, _ in results["knn_curve"]] == [0, 1]

@@ -508,7 +508,8 @@ def test_sigterm_mid_epoch_saves_and_stops_cleanly(digits_48, tmp_path):
     assert list(checkpoint) == ["student", "teacher", "optimizer", "epoch", "args", "dino_loss",
                                 "mid_epoch"]
     assert checkpoint["epoch"] == 1 and checkpoint["mid_epoch"]["ranks"][0]["iteration"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint0000.pth", "log.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint0000.pth", "curves.png",
+                                          "log.txt"]
 
 
 @pytest.mark.slow
