@@ -84,10 +84,33 @@ def test_collapse_warning_reads_the_dino_part_of_a_summed_loss(capsys):
     (["--distill_head_warmup_epochs", "-1"], "must be 0 or more"),
     (["--num_register_tokens", "-2"], "must be 0 or more"),
     (["--koleo_loss_weight", "-0.1"], "must be 0 or more"),
+    (["--koleo_loss_weight", "0.1", "--compile", "true", "--compile_scope", "step"],
+     "compiles the v1 DINO step only"),
+    (["--grad_accum_steps", "2", "--compile", "true", "--compile_scope", "step"],
+     "does not combine with --grad_accum_steps > 1"),
 ])
 def test_switch_flags_that_cannot_run_are_one_line_errors(flags, message):
+    args = main_dino.get_args_parser().parse_args(["--warmup_epochs", "0", *flags])
     with pytest.raises(utils.InputError, match=message):
-        main_dino.check_flags(v1_args(*flags))
+        main_dino.check_flags(args)
+
+
+def test_packed_forward_gives_the_switches_the_same_outputs(single_process_group):
+    """KoLeo's multi-output wrapper with --packed_forward: one backbone pass for all crops, the
+    same DINO logits and global [CLS] features as one pass per resolution."""
+    outputs = []
+    for packed in ("false", "true"):
+        utils.fix_random_seeds(0)
+        args = v1_args("--koleo_loss_weight", "0.1", "--packed_forward", packed)
+        student, _, _ = main_dino.build_student_teacher(args, torch.device("cpu"))
+        assert student.module.packed is (packed == "true")
+        generator = torch.Generator().manual_seed(1)
+        crops = ([torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)]
+                 + [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)])
+        outputs.append(student(crops))
+    assert outputs[1].dino.shape == (16, 64) and outputs[1].global_cls.shape == (8, 192)
+    torch.testing.assert_close(outputs[1].dino, outputs[0].dino, rtol=0, atol=1e-5)
+    torch.testing.assert_close(outputs[1].global_cls, outputs[0].global_cls, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
