@@ -10,7 +10,7 @@ reference code and an unsharded run all load them; a sharded run resumes from ei
 """
 import argparse
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,7 +49,7 @@ def compute_dtype(use_bf16: bool, use_fp16: bool, device: torch.device) -> Optio
 
 
 def shard(network: nn.Module, param_dtype: Optional[torch.dtype], compile_blocks: bool
-          ) -> "ShardedNetwork":
+          ) -> nn.Module:
     """fully_shard every block of `network.backbone`, then the whole network (heads included).
 
     With compile_blocks, each block's attention and MLP are compiled: they carry no FSDP hooks,
@@ -68,6 +68,19 @@ def shard(network: nn.Module, param_dtype: Optional[torch.dtype], compile_blocks
     for module in network.modules():
         module.register_load_state_dict_pre_hook(_shard_whole_tensors)
     return network
+
+
+def shard_student_teacher(student: nn.Module, teacher: nn.Module,
+                          param_dtype: Optional[torch.dtype], compile_blocks: bool
+                          ) -> Tuple[nn.Module, nn.Module, nn.Module]:
+    """main_dino's (student, teacher, teacher_without_ddp), sharded alike; the teacher is a
+    frozen copy of the student."""
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    student = shard(student, param_dtype, compile_blocks)
+    teacher = shard(teacher, param_dtype, compile_blocks)
+    return (ShardedNetwork(student, key_prefix="module."),
+            ShardedNetwork(teacher, key_prefix=""), teacher)
 
 
 def _shard_whole_tensors(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:

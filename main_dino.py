@@ -913,21 +913,25 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
     if args.sharding == "fsdp":
-        teacher.load_state_dict(student.state_dict())
-        teacher.requires_grad_(False)
         dtype = dino_sharding.compute_dtype(args.use_bf16, args.use_fp16, device)
         print(f"Student and Teacher are built: they are both {args.arch} network, FSDP-sharded "
               f"over {utils.get_world_size()} processes, computing in {dtype or torch.float32}.")
-        student = dino_sharding.shard(student, dtype, args.compile)
-        teacher = dino_sharding.shard(teacher, dtype, args.compile)
-        return (dino_sharding.ShardedNetwork(student, key_prefix="module."),
-                dino_sharding.ShardedNetwork(teacher, key_prefix=""), teacher)
+        return dino_sharding.shard_student_teacher(student, teacher, dtype, args.compile)
     if args.compile and args.compile_scope == "modules":
         for wrapper in (student, teacher):
             # Module.compile keeps the state_dict keys (no `_orig_mod.`): checkpoints stay as-is.
             wrapper.backbone.compile(dynamic=False, mode=args.compile_mode)
             wrapper.head.compile(dynamic=False, mode=args.compile_mode)
-    device_ids = [args.gpu] if device.type == "cuda" else None
+    student, teacher, teacher_without_ddp = wrap_data_parallel(student, teacher, args.gpu, device)
+    print(f"Student and Teacher are built: they are both {args.arch} network.")
+    return student, teacher, teacher_without_ddp
+
+
+def wrap_data_parallel(student: nn.Module, teacher: nn.Module, gpu: int, device: torch.device
+                       ) -> Tuple[nn.Module, nn.Module, nn.Module]:
+    """(student in DDP or its one-process stand-in, teacher, teacher without DDP), the teacher
+    a frozen copy of the student."""
+    device_ids = [gpu] if device.type == "cuda" else None
     # SyncBatchNorm runs on CUDA only; CPU processes keep per-process batch statistics.
     if utils.has_batchnorms(student) and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -944,7 +948,6 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device
     teacher_without_ddp.load_state_dict(student.module.state_dict())
     for param in teacher.parameters():
         param.requires_grad = False
-    print(f"Student and Teacher are built: they are both {args.arch} network.")
     return student, teacher, teacher_without_ddp
 
 
