@@ -64,7 +64,8 @@ def switch_args(bench: argparse.Namespace, flags: List[str]) -> argparse.Namespa
     """main_dino's flags for the benchmark's model and crops, plus the switch's flags."""
     settings = argparse.Namespace(**vars(bench), num_workers=0, data_path="", gpu_augment=False,
                                   canvas_size=256)
-    args = train_speed.main_dino_args(settings, bench.precision, bench.compile)
+    config = bench.precision + ("+compile" if bench.compile else "")
+    args = train_speed.main_dino_args(settings, config)
     extra = main_dino.get_args_parser().parse_args(flags)
     for name in ("num_register_tokens", "koleo_loss_weight", "ibot_loss_weight",
                  "ibot_separate_head", "centering", "distill_from", "sharding"):
