@@ -34,7 +34,7 @@ import utils
 # Extra key of mid-epoch checkpoints (the end-of-epoch ones keep the reference's keys).
 MID_EPOCH_KEY = "mid_epoch"
 # Flags that decide the shapes in a checkpoint: resuming with others cannot work.
-MODEL_FLAGS = ("arch", "patch_size", "out_dim", "use_bn_in_head")
+MODEL_FLAGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "num_register_tokens")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 # Exit statuses after a clean stop follow the shell's 128 + signal number.
 SIGNAL_EXIT_BASE = 128

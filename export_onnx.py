@@ -93,7 +93,8 @@ class ExportedBackbone(nn.Module):
         tokens = vit.prepare_tokens(images)
         for block in vit.blocks[:-1]:
             tokens = block(tokens)
-        attention = vit.blocks[-1](tokens, return_attention=True)
+        attention = vit.without_registers(vit.blocks[-1](tokens, return_attention=True),
+                                          dims=(2, 3))
         features = vit.head(vit.norm(vit.blocks[-1](tokens))[:, 0])
         return features, attention
 

@@ -1,7 +1,9 @@
 """DINO self-supervised pretraining: a student ViT matches an EMA teacher on multi-crop views.
 
 Reads top-down: the command line, the run (`train_dino`), one epoch, one training step and its
-pieces, the DINO loss, the models and their optimisation, and the data.
+pieces, the DINO loss, the models and their optimisation, and the data. The DINOv2-era switches,
+all off by default, live in their own modules: dino_objectives.py (KoLeo, iBOT, Sinkhorn-Knopp),
+dino_distillation.py (--distill_from) and dino_sharding.py (--sharding fsdp).
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import (ContextManager, Dict, Iterable, List, NamedTuple, Optional, Sequence,
-                    Tuple, Union)
+from typing import (Callable, ContextManager, Dict, Iterable, List, NamedTuple, Optional,
+                    Sequence, Tuple, Union)
 
 import numpy as np
 import torch
@@ -24,6 +26,9 @@ import torch.nn.functional as F
 from torchvision import transforms
 
 import dino_checkpoint
+import dino_distillation
+import dino_objectives
+import dino_sharding
 import eval_knn
 import gpu_augment
 import plot_log
@@ -62,6 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
                         help="Whether to use batch normalizations in projection head (Default: "
                              "False)")
+    parser.add_argument("--num_register_tokens", default=0, type=int,
+                        help="Learned register tokens after [CLS] (Darcet et al. 2023; DINOv2 "
+                             "uses 4). ViTs only; 0 (default) keeps the reference's network.")
 
     # Temperature teacher parameters
     parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
@@ -89,6 +97,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", type=utils.bool_flag, default=None,
                         help="torch.compile the backbones and heads (default: on with CUDA, off "
                              "on the CPU). Same results up to float rounding.")
+    parser.add_argument("--compile_scope", default="modules", choices=["modules", "step"],
+                        help="With --compile: compile the backbones and heads one by one "
+                             "(modules), or the teacher and student forward passes and the loss "
+                             "as one graph with its backward (step).")
+    parser.add_argument("--compile_mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode with --compile; reduce-overhead replays CUDA "
+                             "graphs (fewer kernel launches; static shapes, more memory).")
+    parser.add_argument("--packed_forward", type=utils.bool_flag, default=False,
+                        help="One ViT pass for the global and local crops together: token-wise "
+                             "layers on all tokens at once, attention per resolution. Same "
+                             "outputs up to float rounding, but drop-path draws differ.")
+    parser.add_argument("--efficient_drop_path", type=utils.bool_flag, default=False,
+                        help="Stochastic depth that runs each residual branch only on the images "
+                             "it keeps (a fixed number per batch, rescaled to the same expected "
+                             "update) instead of computing and masking; ViTs only. Draws differ "
+                             "from the reference's.")
     parser.add_argument("--weight_decay", type=float, default=0.04,
                         help="Initial value of the weight decay. With ViT, a smaller value at the "
                              "beginning of training works well.")
@@ -148,6 +173,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_crops_size", type=int, default=96,
                         help="Side in pixels of the local crops (96 as the reference).")
     gpu_augment.add_gpu_augment_args(parser)
+
+    # DINOv2-era switches, all off by default (DINO v1)
+    dino_objectives.add_objective_args(parser)
+    dino_distillation.add_distillation_args(parser)
+    dino_sharding.add_sharding_args(parser)
 
     # Misc
     parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
@@ -227,7 +257,8 @@ POSITIVE_FLAGS = ("lr", "batch_size_per_gpu", "grad_accum_steps", "out_dim", "pa
 NON_NEGATIVE_FLAGS = ("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate",
                       "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
                       "freeze_backbone_epochs", "local_crops_number", "num_workers",
-                      "saveckp_freq", "saveckp_iters")
+                      "saveckp_freq", "saveckp_iters", "num_register_tokens",
+                      "koleo_loss_weight", "ibot_loss_weight", "distill_head_warmup_epochs")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -241,6 +272,11 @@ def check_flags(args: argparse.Namespace) -> None:
             raise utils.InputError(f"--{name} must be 0 or more (got {getattr(args, name)})")
     if args.init_from and not os.path.isfile(args.init_from):
         raise utils.InputError(f"--init_from {args.init_from!r} is not a file")
+    if args.compile is not False and args.compile_scope == "step" and args.grad_accum_steps > 1:
+        # The compiled step would hold the center's running sum across its CUDA graphs.
+        raise utils.InputError("--compile_scope step does not combine with --grad_accum_steps > 1:"
+                               " use --compile_scope modules")
+    check_switch_flags(args)
     warn_on_dropped_pixels(args)
 
 
@@ -268,6 +304,18 @@ def warn_on_dropped_pixels(args: argparse.Namespace) -> None:
             print(f"Warning: --{kind}_crops_size {size} is not a multiple of --patch_size "
                   f"{args.patch_size}: the ViT ignores the last {dropped} rows and columns of "
                   f"pixels of every {kind} crop (use {used} or {used + args.patch_size}).")
+
+
+def check_switch_flags(args: argparse.Namespace) -> None:
+    """The DINOv2-era switches must fit the architecture and each other."""
+    if args.num_register_tokens and args.arch not in utils.VIT_ARCHS:
+        raise utils.InputError(f"--num_register_tokens needs a ViT, not {args.arch}")
+    dino_objectives.check_objective_args(args)
+    dino_sharding.check_sharding_args(args)
+    switched = dino_objectives.uses_objectives(args) or args.sharding != "none"
+    if args.compile is not False and args.compile_scope == "step" and switched:
+        raise utils.InputError("--compile_scope step compiles the v1 DINO step only: use "
+                               "--compile_scope modules with KoLeo, iBOT, distillation or FSDP")
 
 
 def train_dino(args: argparse.Namespace) -> None:
@@ -334,10 +382,7 @@ def resume_or_initialise(args: argparse.Namespace, training: DinoTraining,
     if os.path.isfile(checkpoint_path):
         if args.init_from:
             print(f"Note: resuming {checkpoint_path}; --init_from only applies to a new run.")
-        return dino_checkpoint.resume(
-            checkpoint_path, args, layout, student=training.student, teacher=training.teacher,
-            optimizer=training.optimizer, fp16_scaler=training.fp16_scaler,
-            dino_loss=training.dino_loss)
+        return dino_checkpoint.resume(checkpoint_path, args, layout, **training.checkpointed)
     if args.init_from:
         heads_loaded = dino_checkpoint.initialise_from(
             args.init_from, training.student.module, training.teacher_without_ddp,
@@ -389,26 +434,24 @@ def teacher_knn_top1(knn_monitor: eval_knn.KnnMonitor, training: DinoTraining,
 
 
 def checkpoint_state(training: DinoTraining, resume_epoch: int, args: argparse.Namespace) -> dict:
-    """The reference's checkpoint layout (student keys keep DDP's `module.` prefix); "epoch" is
-    the epoch a resumed run starts with (the next one, or the one in progress mid-epoch)."""
-    state = {
-        "student": training.student.state_dict(),
-        "teacher": training.teacher.state_dict(),
-        "optimizer": training.optimizer.state_dict(),
-        "epoch": resume_epoch,
-        "args": args,
-        "dino_loss": training.dino_loss.state_dict(),
-    }
-    if training.fp16_scaler is not None:
-        state["fp16_scaler"] = training.fp16_scaler.state_dict()
+    """The reference's checkpoint layout (student keys keep DDP's `module.` prefix): student,
+    teacher, optimizer, epoch, args, dino_loss, then fp16_scaler and the switches' states;
+    "epoch" is the epoch a resumed run starts with (the next one, or the one in progress
+    mid-epoch)."""
+    objects = dict(training.checkpointed)
+    state = {name: objects.pop(name).state_dict() for name in ("student", "teacher", "optimizer")}
+    state.update(epoch=resume_epoch, args=args)
+    state.update({name: value.state_dict() for name, value in objects.items()})
     return state
 
 
 def warn_on_collapse(stats: Dict[str, float], out_dim: int) -> None:
     """Point at the usual remedies when the loss or the teacher outputs show collapse."""
     uniform_loss = math.log(out_dim)
-    if abs(stats["loss"] - uniform_loss) < 0.01 * uniform_loss:
-        print(f"Warning: the loss {stats['loss']:.4f} sits at ln(out_dim) = {uniform_loss:.4f}: "
+    # With KoLeo or iBOT terms, "loss" is their weighted sum and "dino_loss" the DINO part.
+    dino_loss = stats.get("dino_loss", stats["loss"])
+    if abs(dino_loss - uniform_loss) < 0.01 * uniform_loss:
+        print(f"Warning: the loss {dino_loss:.4f} sits at ln(out_dim) = {uniform_loss:.4f}: "
               "the student's outputs are near uniform (collapse?). Try a lower --teacher_temp, "
               "a higher --momentum_teacher or a lower --lr.")
     # Entropy of the batch-mean teacher distribution: ln(number of prototypes in use).
@@ -510,7 +553,8 @@ class DinoTraining:
     fp16_scaler: Optional[torch.amp.GradScaler]
     autocast: ContextManager
     schedules: Dict[str, np.ndarray]  # per-iteration "lr", "wd" and teacher "momentum"
-    student_params: List[torch.Tensor]
+    forward_loss: Callable            # `forward_loss`, or its compiled graph
+    student_params: List[torch.Tensor]  # with --sharding fsdp: this rank's shards
     teacher_params: List[torch.Tensor]
     clip_grad: float
     freeze_last_layer: int
@@ -518,6 +562,12 @@ class DinoTraining:
     iters_per_epoch: int
     grad_accum_steps: int           # micro-batches per optimizer step
     freeze_backbone_epochs: int
+    # What the checkpoint holds, by key: objects with state_dict() and load_state_dict().
+    checkpointed: Dict[str, object]
+    # KoLeo / iBOT terms (also set with distillation); None: the DINO loss alone, as v1.
+    objectives: Optional[dino_objectives.Objectives] = None
+    # The frozen teacher of --distill_from, whose outputs replace the EMA teacher's as targets.
+    distillation: Optional[dino_distillation.Distillation] = None
 
 
 def build_training(args: argparse.Namespace, device: torch.device,
@@ -526,18 +576,48 @@ def build_training(args: argparse.Namespace, device: torch.device,
     student, teacher, teacher_without_ddp = build_student_teacher(args, device)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs,
-                         micro_batches=args.grad_accum_steps).to(device)
+                         micro_batches=args.grad_accum_steps, centering=args.centering).to(device)
     optimizer = build_optimizer(args, student, device)
-    dtype = autocast_dtype(args, device)
+    # Sharded networks compute in FSDP's parameter dtype instead of under autocast.
+    dtype = autocast_dtype(args, device) if args.sharding == "none" else None
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     fp16_scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     schedules = build_schedules(args, iters_per_epoch)
+    step_forward = compiled_forward_loss(args.compile_mode) \
+        if args.compile and args.compile_scope == "step" else forward_loss
+    objectives = dino_objectives.build_objectives(args, device) \
+        if dino_objectives.uses_objectives(args) else None
+    distillation = dino_distillation.build_distillation(args, device) \
+        if args.distill_from else None
+    checkpointed = checkpointed_objects(args, student, teacher, optimizer, dino_loss,
+                                        fp16_scaler, objectives, distillation)
     print("Loss, optimizer and schedulers ready.")
     return DinoTraining(student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
-                        autocast, schedules, list(student.module.parameters()),
-                        list(teacher_without_ddp.parameters()), args.clip_grad,
-                        args.freeze_last_layer, args.epochs, iters_per_epoch,
-                        args.grad_accum_steps, args.freeze_backbone_epochs)
+                        autocast, schedules, step_forward,
+                        dino_sharding.local_tensors(list(student.module.parameters())),
+                        dino_sharding.local_tensors(list(teacher_without_ddp.parameters())),
+                        args.clip_grad, args.freeze_last_layer, args.epochs, iters_per_epoch,
+                        args.grad_accum_steps, args.freeze_backbone_epochs, checkpointed,
+                        objectives, distillation)
+
+
+def checkpointed_objects(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
+                         optimizer: torch.optim.Optimizer, dino_loss: DINOLoss,
+                         fp16_scaler: Optional[torch.amp.GradScaler],
+                         objectives: Optional[dino_objectives.Objectives],
+                         distillation: Optional[dino_distillation.Distillation]) -> dict:
+    """The reference's checkpoint entries, then those of the switches that are on."""
+    sharded = args.sharding == "fsdp"
+    objects = {"student": student, "teacher": teacher,
+               "optimizer": dino_sharding.ShardedOptimizerState(optimizer) if sharded
+               else optimizer, "dino_loss": dino_loss}
+    if fp16_scaler is not None:
+        objects["fp16_scaler"] = fp16_scaler
+    if objectives is not None and objectives.ibot_loss is not None:
+        objects["ibot_loss"] = objectives.ibot_loss
+    if distillation is not None and distillation.warmup_epochs:
+        objects["distillation"] = distillation
+    return objects
 
 
 def training_step(training: DinoTraining, micro_batches: Iterable[List[torch.Tensor]],
@@ -547,26 +627,25 @@ def training_step(training: DinoTraining, micro_batches: Iterable[List[torch.Ten
 
     The gradients add up to those of the whole step's mean loss, and DDP all-reduces them with
     the last micro-batch only; the DINO loss moves its center once, by the step's mean. Returns
-    the step's scalars (loss, teacher entropy and KL to uniform, means over the micro-batches)
-    on the device, without a host sync.
+    the step's scalars (loss, teacher entropy and KL to uniform, and the switches' losses: means
+    over the micro-batches) on the device, without a host sync.
     """
     accumulation = training.grad_accum_steps
-    sums = None
+    sums: Dict[str, torch.Tensor] = {}
     for index, crops in enumerate(micro_batches):
         last = index == accumulation - 1
         with nullcontext() if last else training.student.no_sync():
-            loss, diagnostics = forward_loss(training.student, training.teacher,
-                                             training.dino_loss, crops, epoch, training.autocast)
+            loss, values = forward_losses(training, crops, epoch, it * accumulation + index)
             backward(loss / accumulation, training.optimizer, training.fp16_scaler,
                      accumulate=index > 0)
-        values = torch.cat((loss.detach().reshape(1), diagnostics))
-        sums = values if sums is None else sums + values
+        sums = {name: sums[name] + value if sums else value for name, value in values.items()}
     clip_and_step(training.student, training.optimizer, training.fp16_scaler, epoch,
                   training.clip_grad, training.freeze_last_layer, training.freeze_backbone_epochs)
     update_teacher(training.student_params, training.teacher_params,
                    float(training.schedules["momentum"][it]))
-    means = sums / accumulation
-    return {"loss": means[0], **dict(zip(training.dino_loss.diagnostic_names, means[1:]))}
+    # New tensors: CUDA-graph outputs are overwritten by the next step, and these are read 10
+    # steps on.
+    return {name: total / accumulation for name, total in sums.items()}
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, schedules: Dict[str, np.ndarray],
@@ -584,10 +663,80 @@ def forward_loss(student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
                  crops: List[torch.Tensor], epoch: int,
                  autocast: ContextManager) -> Tuple[torch.Tensor, torch.Tensor]:
     """Teacher on the global crops, student on all crops; (loss, teacher diagnostics)."""
+    return forward_loss_at(student, teacher, dino_loss, crops, dino_loss.teacher_temps[epoch],
+                           autocast)
+
+
+def forward_loss_at(student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
+                    crops: List[torch.Tensor], teacher_temp: torch.Tensor,
+                    autocast: ContextManager) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`forward_loss` at a given teacher temperature (0-d tensor)."""
     with autocast:
         teacher_output = teacher(crops[:2])
         student_output = student(crops)
-        return dino_loss(student_output, teacher_output, epoch, return_diagnostics=True)
+        return dino_loss(student_output, teacher_output, None, return_diagnostics=True,
+                         teacher_temp=teacher_temp)
+
+
+def compiled_forward_loss(mode: str) -> Callable:
+    """`forward_loss` as one compiled graph (teacher, student, loss; AOTAutograd compiles its
+    backward too). The epoch enters as a temperature tensor, so epochs do not recompile."""
+    compiled = torch.compile(forward_loss_at, dynamic=False, mode=mode)
+
+    def run(student, teacher, dino_loss, crops, epoch, autocast):
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step (for CUDA graphs)
+        return compiled(student, teacher, dino_loss, crops, dino_loss.teacher_temps[epoch],
+                        autocast)
+    return run
+
+
+def forward_losses(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
+                   draw: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One micro-batch's loss to minimise and named scalars: the DINO loss (v1), or with the
+    DINOv2-era switches that and their terms; `draw` numbers the micro-batch (iBOT's masks)."""
+    if training.objectives is not None:
+        return forward_dinov2_losses(training, crops, epoch, draw)
+    loss, diagnostics = training.forward_loss(training.student, training.teacher,
+                                              training.dino_loss, crops, epoch, training.autocast)
+    return loss, {"loss": loss.detach(),
+                  **dict(zip(training.dino_loss.diagnostic_names, diagnostics))}
+
+
+def forward_dinov2_losses(training: DinoTraining, crops: List[torch.Tensor], epoch: int,
+                          draw: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The DINO loss plus the KoLeo and iBOT terms that are on, against the EMA teacher or the
+    distillation teacher; (the loss to minimise, the named scalars).
+
+    With iBOT, the student's global crops are masked and the teacher reads the same crops
+    intact. A distillation teacher whose head is still being fitted takes its own step here.
+    """
+    objectives = training.objectives
+    patch_masks = objectives.sample_masks(crops[0], draw)
+    teacher_temp = float(training.dino_loss.teacher_temp_schedule[epoch])
+    with training.autocast:
+        if training.distillation is None:
+            teacher_output = training.teacher(crops[:2], patch_masks, mask_inputs=False)
+        else:
+            teacher_output = training.distillation.targets(crops[:2], patch_masks)
+        student_output = training.student(crops, patch_masks)
+    dino_loss, diagnostics = training.dino_loss(student_output.dino, teacher_output.dino, epoch,
+                                                return_diagnostics=True)
+    loss = dino_loss
+    values = {"dino_loss": dino_loss.detach()}
+    if objectives.koleo_loss_weight:
+        koleo_loss = dino_objectives.koleo_loss_per_view(student_output.global_cls)
+        loss = loss + objectives.koleo_loss_weight * koleo_loss
+        values["koleo_loss"] = koleo_loss.detach()
+    if objectives.ibot_loss is not None:
+        ibot_loss = objectives.ibot_loss(student_output.ibot, teacher_output.ibot, patch_masks,
+                                         teacher_temp)
+        loss = loss + objectives.ibot_loss_weight * ibot_loss
+        values["ibot_loss"] = ibot_loss.detach()
+    if training.distillation is not None and training.distillation.warming_up(epoch):
+        values["head_warmup_loss"] = training.distillation.warm_up_head(
+            teacher_output.global_cls, teacher_temp)
+    return loss, {"loss": loss.detach(), **values, "teacher_entropy": diagnostics[0],
+                  "teacher_kl": diagnostics[1]}
 
 
 def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -649,11 +798,14 @@ class DINOLoss(nn.Module):
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, micro_batches: int = 1):
+                 center_momentum: float = 0.9, micro_batches: int = 1,
+                 centering: str = "centering"):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
+        # "sinkhorn_knopp" (DINOv2) balances the teacher outputs instead; the center then stays.
+        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.diagnostic_names = ("teacher_entropy", "teacher_kl")
         # With gradient accumulation the center moves once per optimizer step, by the teacher's
@@ -666,29 +818,36 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
+        self.register_buffer("teacher_temps", torch.tensor(self.teacher_temp_schedule,
+                                                           dtype=torch.float32), persistent=False)
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
-                return_diagnostics: bool = False
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                epoch: Optional[int], return_diagnostics: bool = False,
+                teacher_temp: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Loss averaged over all (teacher view, other student view) pairs; updates the center.
 
-        With return_diagnostics, also returns [teacher entropy, KL(batch mean || uniform)], named
-        by `diagnostic_names`.
+        teacher_temp (0-d tensor) replaces the epoch's scheduled temperature: a compiled step
+        passes it as an input, so that a new epoch does not recompile. With return_diagnostics,
+        also returns [teacher entropy, KL(batch mean || uniform)], named by `diagnostic_names`.
         """
+        if teacher_temp is None:
+            teacher_temp = self.teacher_temps[epoch]
         # Each student log-softmax is computed once, in float32 even under autocast.
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
-        temp = self.teacher_temp_schedule[epoch]
-        centered_logits = teacher_output.float().detach() - self.center
-        teacher_probs = F.softmax(centered_logits / temp, dim=-1)
-        total_loss, n_terms = 0.0, 0
-        for iq, q in enumerate(teacher_probs.chunk(2)):
-            for v, logp in enumerate(student_logp.chunk(self.ncrops)):
-                if v == iq:
-                    continue
-                total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
-                n_terms += 1
-        loss = total_loss / n_terms
-        self.update_center(teacher_output)
+        teacher_probs = dino_objectives.teacher_probabilities(teacher_output, self.center,
+                                                              teacher_temp, self.centering)
+        batch = len(teacher_probs) // 2
+        student_views = student_logp.view(self.ncrops, batch, -1)
+        teacher_views = teacher_probs.view(2, batch, -1)
+        # Every student view is paired with both teacher views except its own, so its target is
+        # the sum of the teacher views minus the same-view one: two products in all, instead of
+        # one per (teacher view, student view) pair.
+        paired = (teacher_views.sum(dim=0) * student_views.sum(dim=0)).sum() \
+            - (teacher_views * student_views[:2]).sum()
+        loss = -paired / ((2 * self.ncrops - 2) * batch)
+        if self.centering == "centering":
+            self.update_center(teacher_output)
         if return_diagnostics:
             return loss, teacher_diagnostics(teacher_probs)
         return loss
@@ -739,24 +898,40 @@ def teacher_diagnostics(teacher_probs: torch.Tensor) -> torch.Tensor:
 
 def build_student_teacher(args: argparse.Namespace, device: torch.device
                           ) -> Tuple[nn.Module, nn.Module, nn.Module]:
-    """Student (DDP) and teacher MultiCropWrappers; the teacher starts as the student's copy."""
+    """Student (DDP, FSDP-sharded, or DDP's one-process stand-in) and teacher multi-crop
+    networks; the teacher starts as the student's copy."""
+    vit_options = backbone_options(args)
+    student_options = {"skip_dropped_paths": True} if args.efficient_drop_path else {}
     student_backbone, embed_dim = utils.build_backbone(args.arch, args.patch_size,
-                                                       args.drop_path_rate)
-    teacher_backbone, _ = utils.build_backbone(args.arch, args.patch_size, 0.0)
-    student = utils.MultiCropWrapper(student_backbone, DINOHead(
-        embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
-    teacher = utils.MultiCropWrapper(teacher_backbone, DINOHead(
-        embed_dim, args.out_dim, args.use_bn_in_head))
+                                                       args.drop_path_rate, **vit_options,
+                                                       **student_options)
+    teacher_backbone, _ = utils.build_backbone(args.arch, args.patch_size, 0.0, **vit_options)
+    student = multi_crop_network(args, student_backbone, embed_dim, args.norm_last_layer)
+    teacher = multi_crop_network(args, teacher_backbone, embed_dim, norm_last_layer=True)
     student, teacher = student.to(device), teacher.to(device)
     if device.type == "cuda" and not args.arch.startswith(("vit", "xcit")):
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
-    if args.compile:
+    if args.sharding == "fsdp":
+        dtype = dino_sharding.compute_dtype(args.use_bf16, args.use_fp16, device)
+        print(f"Student and Teacher are built: they are both {args.arch} network, FSDP-sharded "
+              f"over {utils.get_world_size()} processes, computing in {dtype or torch.float32}.")
+        return dino_sharding.shard_student_teacher(student, teacher, dtype, args.compile)
+    if args.compile and args.compile_scope == "modules":
         for wrapper in (student, teacher):
             # Module.compile keeps the state_dict keys (no `_orig_mod.`): checkpoints stay as-is.
-            wrapper.backbone.compile(dynamic=False)
-            wrapper.head.compile(dynamic=False)
-    device_ids = [args.gpu] if device.type == "cuda" else None
+            wrapper.backbone.compile(dynamic=False, mode=args.compile_mode)
+            wrapper.head.compile(dynamic=False, mode=args.compile_mode)
+    student, teacher, teacher_without_ddp = wrap_data_parallel(student, teacher, args.gpu, device)
+    print(f"Student and Teacher are built: they are both {args.arch} network.")
+    return student, teacher, teacher_without_ddp
+
+
+def wrap_data_parallel(student: nn.Module, teacher: nn.Module, gpu: int, device: torch.device
+                       ) -> Tuple[nn.Module, nn.Module, nn.Module]:
+    """(student in DDP or its one-process stand-in, teacher, teacher without DDP), the teacher
+    a frozen copy of the student."""
+    device_ids = [gpu] if device.type == "cuda" else None
     # SyncBatchNorm runs on CUDA only; CPU processes keep per-process batch statistics.
     if utils.has_batchnorms(student) and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -766,20 +941,49 @@ def build_student_teacher(args: argparse.Namespace, device: torch.device
         teacher_without_ddp = teacher.module
     else:
         teacher_without_ddp = teacher
-    student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+    if utils.get_world_size() == 1 and teacher is teacher_without_ddp:
+        student = utils.SingleProcessWrapper(student)  # one graph when compiled, fewer kernels
+    else:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
     teacher_without_ddp.load_state_dict(student.module.state_dict())
     for param in teacher.parameters():
         param.requires_grad = False
-    print(f"Student and Teacher are built: they are both {args.arch} network.")
     return student, teacher, teacher_without_ddp
+
+
+def backbone_options(args: argparse.Namespace) -> dict:
+    """ViT constructor options of the switches: register tokens, iBOT's mask token."""
+    options = {}
+    if args.num_register_tokens:
+        options["num_register_tokens"] = args.num_register_tokens
+    if args.ibot_loss_weight:
+        options["use_mask_token"] = True
+    return options
+
+
+def multi_crop_network(args: argparse.Namespace, backbone: nn.Module, embed_dim: int,
+                       norm_last_layer: bool) -> nn.Module:
+    """The backbone with its DINO head (and iBOT head) in a multi-crop wrapper."""
+    head = DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
+                    norm_last_layer=norm_last_layer)
+    if not dino_objectives.uses_objectives(args):
+        return utils.MultiCropWrapper(backbone, head, packed=args.packed_forward)
+    ibot_head = None
+    if args.ibot_loss_weight and args.ibot_separate_head:
+        ibot_head = DINOHead(embed_dim, args.ibot_out_dim or args.out_dim,
+                             norm_last_layer=norm_last_layer)
+    return dino_objectives.MaskedMultiCropWrapper(backbone, head, ibot_head,
+                                                  packed=args.packed_forward)
 
 
 def build_optimizer(args: argparse.Namespace, student: nn.Module,
                     device: torch.device) -> torch.optim.Optimizer:
     params_groups = utils.get_params_groups(student)
     if args.optimizer == "adamw":
-        # The fused CUDA kernel does the same AdamW arithmetic in one launch.
-        return torch.optim.AdamW(params_groups, fused=device.type == "cuda")
+        # The fused CUDA kernel does the same AdamW arithmetic in one launch (the foreach one
+        # takes the sharded parameters).
+        return torch.optim.AdamW(params_groups,
+                                 fused=device.type == "cuda" and args.sharding == "none")
     if args.optimizer == "sgd":
         return torch.optim.SGD(params_groups, lr=0, momentum=0.9)
     return utils.LARS(params_groups)
@@ -865,7 +1069,9 @@ class DataAugmentationDINO:
 
 
 def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
-    """PIL multi-crop in the workers, or uint8 canvases for the batched augmenter."""
+    """PIL multi-crop in the workers, or uint8 canvases (or bytes) for the batched augmenter."""
+    if args.gpu_decode and not args.gpu_augment:
+        raise utils.InputError("--gpu_decode needs --gpu_augment true")
     if args.gpu_augment:
         return gpu_augment.build_canvas_loader(args)
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
@@ -879,12 +1085,14 @@ class CropPreparer:
     """Loader batch -> normalised float32 crops on the device, for either data path.
 
     With --gpu_augment the batched augmenter draws the crops here, from a random stream that
-    depends on (seed, rank, epoch, batch); otherwise the PIL workers' uint8 crops are normalised.
+    depends on (seed, rank, epoch, batch), after decoding the files with --gpu_decode;
+    otherwise the PIL workers' uint8 crops are normalised.
     """
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.device = device
         self.augmenter = gpu_augment.build_augmenter(args, device) if args.gpu_augment else None
+        self.decode_canvas_size = args.canvas_size if args.gpu_decode else None
         self.mean = torch.tensor(utils.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(utils.IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
@@ -894,6 +1102,8 @@ class CropPreparer:
             self.augmenter.set_epoch(epoch, first_batch)
 
     def __call__(self, batch: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        if self.decode_canvas_size:
+            batch = gpu_augment.decode_to_canvases(batch, self.decode_canvas_size, self.device)
         if self.augmenter is not None:
             return self.augmenter(*batch)
         # The same operations as ToTensor + Normalize, so the numbers are the PIL path's.

@@ -4,6 +4,7 @@ schedules and optimisation, model wrappers, data, checkpoints and weights, loggi
 import argparse
 import atexit
 import builtins
+import contextlib
 import datetime
 import errno
 import itertools
@@ -19,9 +20,8 @@ import sys
 import time
 import warnings
 from collections import defaultdict, deque
-from contextlib import contextmanager
-from typing import (Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional,
-                    Sequence, Set, Tuple)
+from typing import (Callable, ContextManager, Dict, Iterable, Iterator, List, NamedTuple,
+                    Optional, Sequence, Set, Tuple)
 
 import numpy as np
 import torch
@@ -95,8 +95,8 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch_names: Sequence[str]
                       default_patch_size: int = 16) -> None:
     """--arch, --patch_size, --pretrained_weights and --checkpoint_key of a pretrained backbone."""
     parser.add_argument("--arch", default="vit_small", type=canonical_arch, choices=arch_names,
-                        help="Architecture of the backbone: vit_tiny/small/base (deit_* are "
-                             "aliases), or where accepted an XCiT hub name or a torchvision "
+                        help="Architecture of the backbone: vit_tiny/small/base/large (deit_* "
+                             "are aliases), or where accepted an XCiT hub name or a torchvision "
                              "convnet.")
     parser.add_argument("--patch_size", default=default_patch_size, type=int,
                         help="Patch resolution of the ViT.")
@@ -157,7 +157,7 @@ def print_run_header(args: argparse.Namespace) -> None:
 # Architectures
 # ------------------------------------------------------------------------------------------------
 
-VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 # Names of facebookresearch/xcit's hub entry points, listed here so that building the parser
 # never needs the network (reference issue #159); they are fetched only when one is trained.
 XCIT_ARCHS = tuple(f"xcit_{size}_{depth}_p{patch}"
@@ -194,7 +194,6 @@ def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.0,
         return model, model.embed_dim
     if vit_kwargs:
         raise InputError(f"{arch} takes no ViT options ({', '.join(sorted(vit_kwargs))})")
-        return model, model.embed_dim
     if arch.startswith("xcit"):
         try:
             model = torch.hub.load("facebookresearch/xcit:main", arch, pretrained=False,
@@ -429,12 +428,20 @@ class LARS(torch.optim.Optimizer):
 def clip_gradients(model: nn.Module, clip: float) -> List[torch.Tensor]:
     """Clip each parameter's gradient to norm `clip` on its own (not a global norm).
 
-    Done with foreach kernels and no host sync; returns the pre-clipping norms.
+    Done with foreach kernels and no host sync; returns the pre-clipping norms. FSDP-sharded
+    gradients (DTensors) are clipped by the norms of the whole parameters, on the local shards.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return []
-    norms = torch._foreach_norm(grads)
+    if hasattr(grads[0], "to_local"):  # DTensor, without importing torch.distributed.tensor
+        grads = [grad.to_local() for grad in grads]
+        # Whole-parameter norms from every rank's shard, in one all-reduce.
+        squares = torch.stack(torch._foreach_norm(grads)).square()
+        dist.all_reduce(squares)
+        norms = list(squares.sqrt().unbind())
+    else:
+        norms = torch._foreach_norm(grads)
     coefs = torch._foreach_add(norms, 1e-6)
     torch._foreach_reciprocal_(coefs)
     torch._foreach_mul_(coefs, clip)
@@ -469,21 +476,53 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 # ------------------------------------------------------------------------------------------------
 
 class MultiCropWrapper(nn.Module):
-    """Runs the backbone once per run of same-resolution crops, then the head once on all."""
+    """Runs the backbone once per run of same-resolution crops, then the head once on all.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    packed: one backbone pass for all resolutions (`VisionTransformer.forward_packed`), same
+    outputs up to float rounding.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False):
         super().__init__()
+        if packed and not hasattr(backbone, "forward_packed"):
+            raise InputError(f"--packed_forward needs one of our ViTs ({', '.join(VIT_ARCHS)}), "
+                             f"not {type(backbone).__name__}")
         backbone.fc, backbone.head = nn.Identity(), nn.Identity()
         self.backbone = backbone
         self.head = head
+        self.packed = packed
 
     def forward(self, x) -> torch.Tensor:
         crops = x if isinstance(x, (list, tuple)) else [x]
+        return self.head(self.backbone_features(crops))
+
+    def backbone_features(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Backbone outputs of all crops, concatenated in crop order."""
+        batches = [torch.cat(list(same_size)) for _, same_size in
+                   itertools.groupby(crops, key=lambda crop: crop.shape[-1])]
+        if self.packed:
+            return self.backbone(batches)
         features = []
-        for _, same_size in itertools.groupby(crops, key=lambda crop: crop.shape[-1]):
-            output = self.backbone(torch.cat(list(same_size)))
+        for batch in batches:
+            output = self.backbone(batch)
             features.append(output[0] if isinstance(output, tuple) else output)
-        return self.head(torch.cat(features))
+        return torch.cat(features)
+
+
+class SingleProcessWrapper(nn.Module):
+    """DDP's stand-in for a one-process run: the same `module.` state_dict keys and gradients,
+    without DDP's gradient buckets and their copy and all-reduce kernels."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self) -> ContextManager:
+        """As DDP's (gradient accumulation): nothing to skip in one process."""
+        return contextlib.nullcontext()
 
 
 def has_batchnorms(model: nn.Module) -> bool:
@@ -560,7 +599,7 @@ def open_rgb(path: str) -> Image.Image:
     return Image.fromarray(((pixels + 128) // 257).astype(np.uint8), mode="L").convert("RGB")
 
 
-@contextmanager
+@contextlib.contextmanager
 def seeded_randomness(seed: int) -> Iterator[None]:
     """Python's random and torch's CPU generator seeded with `seed` inside the block, and
     restored after it, so that the caller's random streams do not move."""
@@ -578,18 +617,20 @@ class ImageFiles(torch.utils.data.Dataset):
     """Every image under a folder (class sub-folders or none); labels are not used.
 
     An unreadable image is replaced by the next readable one, so that one bad file never stops
-    an epoch. Items are (transformed image, 1 if the requested file was unreadable else 0), so
-    that summing them counts each bad file once. Given a seed and a SampleKey, the transform's
-    random draws are a function of (seed, epoch, index) alone: the same whichever worker, or
-    the main process, loads the image, and after a resume.
+    an epoch. Items are (transform(loader(path)), 1 if the requested file was unreadable else 0),
+    so that summing them counts each bad file once; the loader raises OSError or ValueError on
+    unreadable files, and transform None leaves its output as it is. Given a seed and a SampleKey,
+    the transform's random draws are a function of (seed, epoch, index) alone: the same whichever
+    worker, or the main process, loads the image, and after a resume.
     """
 
-    def __init__(self, root: str, transform: Callable, max_skips: int = 50,
-                 seed: Optional[int] = None):
+    def __init__(self, root: str, transform: Optional[Callable], max_skips: int = 50,
+                 seed: Optional[int] = None, loader: Callable[[str], object] = open_rgb):
         self.paths = find_images(root)
         self.transform = transform
         self.max_skips = max_skips
         self.seed = seed
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -600,10 +641,12 @@ class ImageFiles(torch.utils.data.Dataset):
         for attempt in range(attempts):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
-                image = open_rgb(path)
+                image = self.loader(path)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 warnings.warn(f"skipping unreadable image {path}: {error}")
                 continue
+            if self.transform is None:
+                return image, int(attempt > 0)
             if self.seed is None or epoch is None:
                 return self.transform(image), int(attempt > 0)
             with seeded_randomness(mixed_seed(self.seed, epoch, index)):
@@ -843,13 +886,8 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str,
               "(asked for with --pretrained_weights random).")
         return
     if pretrained_weights:
-        if not os.path.isfile(pretrained_weights):
-            raise InputError(f"--pretrained_weights {pretrained_weights!r} is not a file")
-        state_dict = load_checkpoint_file(pretrained_weights)
-        if checkpoint_key is not None and checkpoint_key in state_dict:
-            print(f"Take key {checkpoint_key} in provided checkpoint dict")
-            state_dict = state_dict[checkpoint_key]
-        load_backbone_state_dict(model, _strip_wrapper_prefixes(state_dict), pretrained_weights)
+        load_backbone_state_dict(model, read_backbone_weights(pretrained_weights, checkpoint_key),
+                                 pretrained_weights)
         return
     url = reference_weights_url(model_name, patch_size, visualisation=visualisation)
     if url is None:
@@ -858,6 +896,25 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str,
     print("Since no pretrained weights have been provided, we load the reference pretrained "
           f"DINO weights from {url}.")
     model.load_state_dict(download_state_dict(url), strict=(model_name != "resnet50"))
+
+
+def read_backbone_weights(path: str, checkpoint_key: Optional[str]) -> dict:
+    """A weights file's state_dict (a training checkpoint's `checkpoint_key` entry when it has
+    one) with the `module.` and `backbone.` prefixes stripped."""
+    if not os.path.isfile(path):
+        raise InputError(f"--pretrained_weights {path!r} is not a file")
+    state_dict = load_checkpoint_file(path)
+    if checkpoint_key is not None and checkpoint_key in state_dict:
+        print(f"Take key {checkpoint_key} in provided checkpoint dict")
+        state_dict = state_dict[checkpoint_key]
+    return _strip_wrapper_prefixes(state_dict)
+
+
+def vit_options_of(state_dict: dict) -> dict:
+    """The ViT constructor options that weights need beyond the reference's: their number of
+    register tokens, read from the shape of `register_tokens` (1, N, D)."""
+    registers = state_dict.get("register_tokens")
+    return {} if registers is None else {"num_register_tokens": registers.shape[1]}
 
 
 def load_backbone_state_dict(model: nn.Module, state_dict: dict, source: str) -> None:
@@ -883,11 +940,23 @@ def load_backbone_state_dict(model: nn.Module, state_dict: dict, source: str) ->
 def build_pretrained_backbone(arch: str, patch_size: int, pretrained_weights: str,
                               checkpoint_key: Optional[str], visualisation: bool = False
                               ) -> Tuple[nn.Module, int]:
-    """(backbone with weights from a file, the reference release or "random", its width)."""
-    model, embed_dim = build_backbone(arch, patch_size)
-    print(f"Model {arch} {patch_size}x{patch_size} built.")
-    load_pretrained_weights(model, pretrained_weights, checkpoint_key, canonical_arch(arch),
-                            patch_size, visualisation=visualisation)
+    """(backbone with weights from a file, the reference release or "random", its width).
+
+    A ViT gets the register tokens that the weights file holds (none otherwise).
+    """
+    if pretrained_weights in ("", "random"):
+        model, embed_dim = build_backbone(arch, patch_size)
+        print(f"Model {arch} {patch_size}x{patch_size} built.")
+        load_pretrained_weights(model, pretrained_weights, checkpoint_key, canonical_arch(arch),
+                                patch_size, visualisation=visualisation)
+        return model, embed_dim
+    state_dict = read_backbone_weights(pretrained_weights, checkpoint_key)
+    vit_options = vit_options_of(state_dict)
+    model, embed_dim = build_backbone(arch, patch_size, **vit_options)
+    registers = vit_options.get("num_register_tokens", 0)
+    print(f"Model {arch} {patch_size}x{patch_size} built"
+          + (f" with {registers} register tokens." if registers else "."))
+    load_backbone_state_dict(model, state_dict, pretrained_weights)
     return model, embed_dim
 
 
@@ -1070,8 +1139,9 @@ def truncate_json_log(path: str, first_epoch_to_drop: int) -> None:
 # Pretraining loader (shared by main_dino's PIL path and gpu_augment's canvas path)
 # ------------------------------------------------------------------------------------------------
 
-def build_pretraining_loader(dataset: torch.utils.data.Dataset,
-                             args: argparse.Namespace) -> torch.utils.data.DataLoader:
+def build_pretraining_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace,
+                             collate_fn: Optional[Callable] = None
+                             ) -> torch.utils.data.DataLoader:
     """Shuffled per-rank batches of `args.batch_size_per_gpu`, in whole optimizer steps of
     --grad_accum_steps batches; resumable part-way through an epoch (ResumableSampler)."""
     # main_dino's flag; other scripts' namespaces (and older ones) have no accumulation.
@@ -1083,7 +1153,7 @@ def build_pretraining_loader(dataset: torch.utils.data.Dataset,
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
         persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
-        generator=torch.Generator().manual_seed(args.seed))
+        generator=torch.Generator().manual_seed(args.seed), collate_fn=collate_fn)
     if args.num_workers > 0:
         atexit.unregister(kill_daemon_children)
         atexit.register(kill_daemon_children)

@@ -1,34 +1,87 @@
 """Vision Transformer and DINO projection head, state_dict-compatible with the DINO reference.
 
 Attention runs through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU);
-the explicit softmax path is used only when attention probabilities are asked for.
+the explicit softmax path is used only when attention probabilities are asked for. Optional
+DINOv2-era parts, absent by default (so the reference's keys stay exactly as they are): register
+tokens (Darcet et al., arXiv 2309.16588) and the mask token of iBOT's masked patches.
+
+Blocks also take *packed* tokens: the tokens of several batches of crops (one batch per resolution)
+flattened into one (sum of images * tokens, D) tensor, with a `layout` of (images, tokens) per
+batch. Token-wise layers then run once on every crop and attention runs per batch
+(`VisionTransformer.forward_packed`).
 """
 import math
 from functools import partial
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+Layout = Tuple[Tuple[int, int], ...]  # (images, tokens) of each batch in packed tokens
+
+
+def unpack(x: torch.Tensor, layout: Optional[Layout]) -> List[torch.Tensor]:
+    """Per-batch (images, tokens, ...) views of packed tokens; [x] when x is not packed."""
+    if layout is None:
+        return [x]
+    parts = x.split([images * tokens for images, tokens in layout])
+    return [part.view(images, tokens, *x.shape[1:])
+            for part, (images, tokens) in zip(parts, layout)]
+
+
+def pack(parts: Sequence[torch.Tensor], layout: Optional[Layout]) -> torch.Tensor:
+    """The inverse of `unpack`."""
+    if layout is None:
+        return parts[0]
+    flat = [part.flatten(0, 1) for part in parts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False,
+              layout: Optional[Layout] = None) -> torch.Tensor:
     """Stochastic depth: zero whole samples of a residual branch, rescaling the kept ones."""
     if drop_prob == 0.0 or not training:
         return x
     keep_prob = 1 - drop_prob
-    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = torch.empty(mask_shape, dtype=x.dtype, device=x.device).bernoulli_(keep_prob)
-    return x / keep_prob * mask
+    # One draw per image, shared by all its tokens.
+    masks = [part.new_empty(len(part), *[1] * (part.ndim - 1)).bernoulli_(keep_prob)
+             .expand(*part.shape[:-1], 1) for part in unpack(x, layout)]
+    return x / keep_prob * pack(masks, layout)
+
+
+def add_on_kept_images(x: torch.Tensor, branch: Callable, drop_prob: float,
+                       layout: Optional[Layout]) -> torch.Tensor:
+    """x + drop_path(branch(x)) in expectation, running the branch only on the kept images.
+
+    Each batch keeps a random subset of its images (all but round(p * images), at least one)
+    and scales their update by images / kept: every image's expected update is branch(x), as
+    with the masked drop_path, and dropped images cost nothing (DINOv2's efficient stochastic
+    depth; a fixed count keeps shapes static for compiled graphs).
+    """
+    parts = unpack(x, layout)
+    counts = [max(1, len(part) - round(drop_prob * len(part))) for part in parts]
+    chosen = [torch.randperm(len(part), device=x.device)[:count]
+              for part, count in zip(parts, counts)]
+    kept_layout = None if layout is None else tuple(
+        (count, tokens) for count, (_, tokens) in zip(counts, layout))
+    kept = pack([part[rows] for part, rows in zip(parts, chosen)], kept_layout)
+    updates = unpack(branch(kept, kept_layout), kept_layout)
+    return pack([part.index_add(0, rows, update.to(part.dtype), alpha=len(part) / len(rows))
+                 for part, rows, update in zip(parts, chosen, updates)], layout)
 
 
 class DropPath(nn.Module):
-    def __init__(self, drop_prob: float = 0.0):
+    """Stochastic depth with rate drop_prob; skip_dropped: Block skips dropped images instead."""
+
+    def __init__(self, drop_prob: float = 0.0, skip_dropped: bool = False):
         super().__init__()
         self.drop_prob = drop_prob
+        self.skip_dropped = skip_dropped
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
+    def forward(self, x: torch.Tensor, layout: Optional[Layout] = None) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training, layout)
 
 
 class Mlp(nn.Module):
@@ -58,12 +111,19 @@ class Attention(nn.Module):
         # False forces the explicit softmax path everywhere (a reference-like baseline).
         self.fused_attn = True
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Return (output, attention probabilities or None)."""
-        batch, tokens, dim = x.shape
+    def forward(self, x: torch.Tensor, return_attention: bool = False,
+                layout: Optional[Layout] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Return (output, attention probabilities or None); packed x attends per batch."""
+        outputs, attentions = zip(*[self.attend(qkv, return_attention)
+                                    for qkv in unpack(self.qkv(x), layout)])
+        return self.proj_drop(self.proj(pack(outputs, layout))), attentions[0]
+
+    def attend(self, qkv: torch.Tensor, return_attention: bool
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One batch's (B, T, 3D) projections -> (B, T, D) attention output, probabilities."""
+        batch, tokens, _ = qkv.shape
         # qkv rows are [q | k | v], heads contiguous inside each: the reference weight layout.
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if return_attention or not self.fused_attn:
             attn = (q @ k.transpose(-2, -1)) * self.scale
@@ -73,8 +133,7 @@ class Attention(nn.Module):
             attn = None
             dropout = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
-        out = out.transpose(1, 2).reshape(batch, tokens, dim)
-        return self.proj_drop(self.proj(out)), attn
+        return out.transpose(1, 2).reshape(batch, tokens, -1), attn
 
 
 class Block(nn.Module):
@@ -82,21 +141,30 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, norm_layer=nn.LayerNorm):
+                 drop_path: float = 0.0, norm_layer=nn.LayerNorm, skip_dropped: bool = False):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = DropPath(drop_path, skip_dropped) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_attention: bool = False,
+                layout: Optional[Layout] = None) -> torch.Tensor:
         """Return the block output, or only the attention probabilities when asked for."""
-        y, attn = self.attn(self.norm1(x), return_attention=return_attention)
         if return_attention:
-            return attn
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            return self.attn(self.norm1(x), return_attention=True)[1]
+        x = self.residual(x, lambda h, lay: self.attn(self.norm1(h), layout=lay)[0], layout)
+        return self.residual(x, lambda h, lay: self.mlp(self.norm2(h)), layout)
+
+    def residual(self, x: torch.Tensor, branch: Callable,
+                 layout: Optional[Layout]) -> torch.Tensor:
+        """x + drop_path(branch(x)), the branch taking (tokens, layout)."""
+        if not (self.training and isinstance(self.drop_path, DropPath)):
+            return x + branch(x, layout)
+        if self.drop_path.skip_dropped:
+            return add_on_kept_images(x, branch, self.drop_path.drop_prob, layout)
+        return x + self.drop_path(branch(x, layout), layout)
 
 
 class PatchEmbed(nn.Module):
@@ -115,24 +183,37 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT whose forward returns the final-normed [CLS] token (or class logits)."""
+    """ViT whose forward returns the final-normed [CLS] token (or class logits).
+
+    num_register_tokens > 0 adds learned tokens after [CLS] (key `register_tokens`, no position
+    embedding); use_mask_token adds the learned `mask_token` that replaces masked patches.
+    """
 
     def __init__(self, img_size=(224,), patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 0, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: Optional[float] = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 norm_layer=nn.LayerNorm, **kwargs):
+                 norm_layer=nn.LayerNorm, skip_dropped_paths: bool = False,
+                 num_register_tokens: int = 0, use_mask_token: bool = False, **kwargs):
         super().__init__()
         self.num_features = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size[0], patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.num_register_tokens = num_register_tokens
+        if num_register_tokens:
+            # DINOv2's initialisation: registers start almost at zero.
+            self.register_tokens = nn.Parameter(
+                torch.randn(1, num_register_tokens, embed_dim) * 1e-6)
+        if use_mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
-        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        # On the CPU even when built on the meta device (a size check of vit_large).
+        drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                  drop_path_rates[i], norm_layer)
+                  drop_path_rates[i], norm_layer, skip_dropped_paths)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -145,35 +226,74 @@ class VisionTransformer(nn.Module):
         signature)."""
         return interpolate_pos_embed(self.pos_embed, height, width, self.patch_embed.patch_size)
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_tokens(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+        """[CLS], registers, patches; patches where `masks` (B, N) is True become mask_token."""
         batch, _, height, width = x.shape
         tokens = self.patch_embed(x)
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         tokens = torch.cat((self.cls_token.expand(batch, -1, -1), tokens), dim=1)
         tokens = tokens + self.interpolate_pos_encoding(tokens, height, width)
+        if self.num_register_tokens:
+            tokens = torch.cat((tokens[:, :1], self.register_tokens.expand(batch, -1, -1),
+                                tokens[:, 1:]), dim=1)
         return self.pos_drop(tokens)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+        """[CLS] features of a batch of images, or of a list of batches (`forward_packed`)."""
+        if isinstance(x, (list, tuple)):
+            return self.forward_packed(x)
         x = self.prepare_tokens(x)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x)[:, 0])
 
+    def forward_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed [CLS] (B, D) and patch tokens (B, N, D), registers left out."""
+        x = self.prepare_tokens(x, masks)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return x[:, 0], x[:, 1 + self.num_register_tokens:]
+    def forward_packed(self, batches: Sequence[torch.Tensor]) -> torch.Tensor:
+        """torch.cat([self(batch) for batch in batches]) in one pass over packed tokens: each
+        batch holds images of one resolution; token-wise layers run once on all of them."""
+        tokens = [self.prepare_tokens(batch) for batch in batches]
+        layout = tuple((len(part), part.shape[1]) for part in tokens)
+        x = pack(tokens, layout)
+        for block in self.blocks:
+            x = block(x, layout=layout)
+        cls_tokens = torch.cat([part[:, 0] for part in unpack(x, layout)])
+        return self.head(self.norm(cls_tokens))
+
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities (B, heads, T, T) of the last block, computed exactly."""
+        """Attention probabilities (B, heads, T, T) of the last block over [CLS] and the patches
+        (registers left out, so the layout is the reference's), computed exactly."""
         x = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             x = block(x)
-        return self.blocks[-1](x, return_attention=True)
+        return self.without_registers(self.blocks[-1](x, return_attention=True), dims=(2, 3))
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> List[torch.Tensor]:
-        """Final-normed token sequences of the last `n` blocks, shallow to deep."""
+        """Final-normed [CLS] and patch tokens of the last `n` blocks, shallow to deep."""
         x = self.prepare_tokens(x)
         outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if len(self.blocks) - i <= n:
-                outputs.append(self.norm(x))
+                outputs.append(self.without_registers(self.norm(x)))
         return outputs
+
+    def without_registers(self, x: torch.Tensor, dims: Tuple[int, ...] = (1,)) -> torch.Tensor:
+        """Drop the register positions along the token dimensions `dims`."""
+        if not self.num_register_tokens:
+            return x
+        first = 1 + self.num_register_tokens
+        for dim in dims:
+            x = torch.cat((x.narrow(dim, 0, 1), x.narrow(dim, first, x.shape[dim] - first)), dim)
+        return x
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, height: int, width: int,
@@ -210,8 +330,9 @@ def _init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _vit(embed_dim: int, num_heads: int, patch_size: int, **kwargs) -> VisionTransformer:
-    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=12,
+def _vit(embed_dim: int, num_heads: int, patch_size: int, depth: int = 12,
+         **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                              num_heads=num_heads, mlp_ratio=4, qkv_bias=True,
                              norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
 
@@ -226,6 +347,12 @@ def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
 
 def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
     return _vit(768, 12, patch_size, **kwargs)
+
+
+def vit_large(patch_size: int = 14, **kwargs) -> VisionTransformer:
+    """DINOv2's ViT-L: width 1024, 24 blocks, 16 heads, patch 14 (main_dino passes its own
+    --patch_size, default 16)."""
+    return _vit(1024, 16, patch_size, depth=24, **kwargs)
 
 
 class WeightNormLinear(nn.Module):

@@ -6,15 +6,21 @@ teacher forward, student forward + loss, backward, optimizer and EMA. The "refer
 reproduces how the original implementation spends its time (see reference_like.py), so every
 gain is a ratio measured in the same run. Prints a table and writes JSON.
 
+A configuration is "reference" or a precision (fp32, fp16, bf16) followed by options joined
+with "+": compile (torch.compile of backbones and heads), step (the forward passes and loss as one
+compiled graph), graphs (CUDA graphs: compile mode reduce-overhead), packed (--packed_forward),
+skipdrop (--efficient_drop_path), ddp (DDP even in one process, as the reference). "bf16-compile"
+is read as "bf16+compile".
+
 Example (one GPU): python -m benchmarks.train_speed --arch vit_small --batch_size 64 \
-    --configs reference fp16 bf16 bf16-compile --json speed.json
+    --configs reference fp16 bf16 bf16+compile bf16+step+packed+graphs --json speed.json
 """
 import argparse
 import json
 import resource
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -24,15 +30,8 @@ import main_dino
 import utils
 from benchmarks import reference_like
 
-# name: (reference-like step, precision, torch.compile)
-CONFIGS = {
-    "reference": (True, "fp16", False),
-    "fp32": (False, "fp32", False),
-    "fp16": (False, "fp16", False),
-    "bf16": (False, "bf16", False),
-    "fp16-compile": (False, "fp16", True),
-    "bf16-compile": (False, "bf16", True),
-}
+PRECISIONS = ("fp32", "fp16", "bf16")
+OPTIONS = ("compile", "step", "graphs", "packed", "skipdrop", "ddp")
 # A function returning the next batch of crops on the device.
 CropSource = Callable[[], List[torch.Tensor]]
 PHASES = ("data", "teacher_forward", "student_forward_loss", "backward", "optimizer", "ema")
@@ -40,7 +39,7 @@ PHASES = ("data", "teacher_forward", "student_forward_loss", "backward", "optimi
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0, "L40": 362.0}
 
 
-def get_args() -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vit_small")
@@ -51,10 +50,11 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--local_crops_size", type=int, default=96)
     parser.add_argument("--local_crops_number", type=int, default=8)
     parser.add_argument("--configs", nargs="+", default=["reference", "fp16", "bf16"],
-                        choices=sorted(CONFIGS))
+                        type=checked_config, help="see above")
     parser.add_argument("--iters", type=int, default=30, help="timed iterations per config")
     parser.add_argument("--warmup_iters", type=int, default=5,
-                        help="untimed iterations first (compilation, cudnn autotuning)")
+                        help="untimed iterations first (compilation, cudnn autotuning); at "
+                             "least 1")
     parser.add_argument("--split_iters", type=int, default=10,
                         help="iterations of the phase-by-phase pass (0 to skip it)")
     parser.add_argument("--data_path", default="",
@@ -66,19 +66,38 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="device peak for MFU (default: known GPUs' bf16 dense peak)")
     parser.add_argument("--json", default="", help="write the results to this file")
-    return parser.parse_args()
+    return parser
 
 
-def main_dino_args(bench: argparse.Namespace, precision: str,
-                   compile_models: bool) -> argparse.Namespace:
-    """main_dino's defaults with the benchmark's model, crops and precision."""
+def config_parts(name: str) -> Tuple[str, set]:
+    """(precision, options) of a configuration name; the reference is fp16 with DDP."""
+    if name == "reference":
+        return "fp16", {"ddp"}
+    precision, *options = name.replace("-", "+").split("+")
+    return precision, set(options)
+
+
+def checked_config(name: str) -> str:
+    precision, options = config_parts(name)
+    if precision not in PRECISIONS or not options <= set(OPTIONS):
+        raise argparse.ArgumentTypeError(
+            f"{name!r}: use reference, or one of {PRECISIONS} then +options from {OPTIONS}")
+    return name
+
+
+def main_dino_args(bench: argparse.Namespace, name: str) -> argparse.Namespace:
+    """main_dino's defaults with the benchmark's model, crops, precision and options."""
+    precision, options = config_parts(name)
     args = main_dino.get_args_parser().parse_args([])
-    for name in ("arch", "patch_size", "out_dim", "local_crops_number", "global_crops_size",
-                 "local_crops_size", "num_workers", "data_path", "gpu_augment", "canvas_size"):
-        setattr(args, name, getattr(bench, name))
+    for option in ("arch", "patch_size", "out_dim", "local_crops_number", "global_crops_size",
+                   "local_crops_size", "num_workers", "data_path", "gpu_augment", "canvas_size"):
+        setattr(args, option, getattr(bench, option))
     args.batch_size_per_gpu = bench.batch_size
     args.use_fp16, args.use_bf16 = precision == "fp16", precision == "bf16"
-    args.compile = compile_models
+    args.compile = bool(options & {"compile", "step"})
+    args.compile_scope = "step" if "step" in options else "modules"
+    args.compile_mode = "reduce-overhead" if "graphs" in options else "default"
+    args.packed_forward, args.efficient_drop_path = "packed" in options, "skipdrop" in options
     args.epochs, args.warmup_epochs = 1, 0
     args.gpu = 0
     return args
@@ -87,11 +106,14 @@ def main_dino_args(bench: argparse.Namespace, precision: str,
 def build_config(name: str, bench: argparse.Namespace, device: torch.device,
                  total_iters: int) -> Tuple[main_dino.DinoTraining, argparse.Namespace]:
     """main_dino's own training bundle; the reference config swaps in the reference's parts."""
-    reference, precision, compile_models = CONFIGS[name]
-    args = main_dino_args(bench, precision, compile_models)
+    args = main_dino_args(bench, name)
     # One "epoch" covers every iteration, so the schedules never run out.
     training = main_dino.build_training(args, device, total_iters)
-    if reference:
+    if "ddp" in config_parts(name)[1] and isinstance(training.student, utils.SingleProcessWrapper):
+        device_ids = [device.index] if device.type == "cuda" else None
+        training.student = torch.nn.parallel.DistributedDataParallel(training.student.module,
+                                                                     device_ids=device_ids)
+    if name == "reference":
         reference_like.use_explicit_attention(training.student)
         reference_like.use_explicit_attention(training.teacher)
         training.optimizer = torch.optim.AdamW(utils.get_params_groups(training.student))
@@ -125,20 +147,28 @@ def training_step(training: main_dino.DinoTraining, reference: bool, crops: List
                   it: int, timer: PhaseTimer) -> torch.Tensor:
     """main_dino's step, phase by phase; the reference config substitutes the pairwise loss,
     per-parameter clipping with host syncs, a Python-loop EMA and a sync every iteration.
-    Returns [loss, ...] on the device."""
+    A compiled step's teacher forward is timed with the student's. Returns [loss, ...] on the
+    device."""
     main_dino.set_schedules(training.optimizer, training.schedules, it)
-    with timer("teacher_forward"), training.autocast:
-        teacher_output = training.teacher(crops[:2])
-    with timer("student_forward_loss"), training.autocast:
-        student_output = training.student(crops)
-        if reference:
-            loss = reference_like.dino_loss_pairwise(training.dino_loss, student_output,
-                                                     teacher_output, 0)
-            values = loss.detach().reshape(1)
-        else:
-            loss, diagnostics = training.dino_loss(student_output, teacher_output, 0,
-                                                   return_diagnostics=True)
+    if training.forward_loss is not main_dino.forward_loss:
+        with timer("student_forward_loss"):
+            loss, diagnostics = training.forward_loss(
+                training.student, training.teacher, training.dino_loss, crops, 0,
+                training.autocast)
             values = torch.cat((loss.detach().reshape(1), diagnostics))
+    else:
+        with timer("teacher_forward"), training.autocast:
+            teacher_output = training.teacher(crops[:2])
+        with timer("student_forward_loss"), training.autocast:
+            student_output = training.student(crops)
+            if reference:
+                loss = reference_like.dino_loss_pairwise(training.dino_loss, student_output,
+                                                         teacher_output, 0)
+                values = loss.detach().reshape(1)
+            else:
+                loss, diagnostics = training.dino_loss(student_output, teacher_output, 0,
+                                                       return_diagnostics=True)
+                values = torch.cat((loss.detach().reshape(1), diagnostics))
     with timer("backward"):
         main_dino.backward(loss, training.optimizer, training.fp16_scaler)
     with timer("optimizer"):
@@ -177,10 +207,17 @@ def crop_source(bench: argparse.Namespace, args: argparse.Namespace,
     return lambda: prepare_crops(next(stream))
 
 
+class Timing(NamedTuple):
+    seconds: float      # wall-clock
+    cpu_seconds: float  # this process's CPU time: time-sharing with other jobs does not count
+    last_loss: float
+
+
 def run_iterations(training: main_dino.DinoTraining, reference: bool, next_crops: CropSource,
-                   first_it: int, count: int, timer: PhaseTimer) -> Tuple[float, float]:
-    """(seconds for `count` iterations, the last loss)."""
-    start = time.perf_counter()
+                   first_it: int, count: int, timer: PhaseTimer) -> Timing:
+    """Times of `count` iterations and the last loss."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    values = torch.full((1,), float("nan"))
     for it in range(first_it, first_it + count):
         with timer("data"):
             crops = next_crops()
@@ -188,7 +225,7 @@ def run_iterations(training: main_dino.DinoTraining, reference: bool, next_crops
         if it % main_dino.PRINT_FREQ == 0:
             values.tolist()  # main_dino reads its queued stats back at every progress line
     last_loss = values[0].item()
-    return time.perf_counter() - start, last_loss
+    return Timing(time.perf_counter() - start, time.process_time() - cpu_start, last_loss)
 
 
 def count_flops_per_image(bench: argparse.Namespace, device: torch.device) -> float:
@@ -239,11 +276,15 @@ def benchmark_config(name: str, bench: argparse.Namespace, device: torch.device,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     training, args = build_config(name, bench, device, total)
-    reference = CONFIGS[name][0]
+    reference = name == "reference"
     next_crops = crop_source(bench, args, device)
-    run_iterations(training, reference, next_crops, 0, bench.warmup_iters,
+    # The first iteration compiles (with compile options) and autotunes: timed on its own.
+    first_iter_s = run_iterations(training, reference, next_crops, 0, 1,
+                                  PhaseTimer(device, False)).seconds
+    run_iterations(training, reference, next_crops, 1, bench.warmup_iters - 1,
                    PhaseTimer(device, False))
-    seconds, last_loss = run_iterations(training, reference, next_crops, bench.warmup_iters,
+    seconds, cpu_seconds, last_loss = run_iterations(training, reference, next_crops,
+                                                     bench.warmup_iters,
                                         bench.iters, PhaseTimer(device, False))
     images_per_s = bench.batch_size * bench.iters / seconds
     split = PhaseTimer(device, True)
@@ -253,8 +294,10 @@ def benchmark_config(name: str, bench: argparse.Namespace, device: torch.device,
     result = {
         "config": name,
         "images_per_s": images_per_s,
+        "images_per_cpu_s": bench.batch_size * bench.iters / cpu_seconds,
         "seconds_per_iter": seconds / bench.iters,
         "mfu": images_per_s * flops_per_image / (peak_tflops * 1e12) if peak_tflops else None,
+        "first_iter_s": first_iter_s,
         "peak_memory_mb": peak_memory_mb(device),
         "phase_seconds_per_iter": {phase: seconds / max(bench.split_iters, 1)
                                    for phase, seconds in split.seconds.items()},
@@ -267,26 +310,35 @@ def benchmark_config(name: str, bench: argparse.Namespace, device: torch.device,
 
 def print_table(results: List[dict]) -> None:
     reference = next((r for r in results if r["config"] == "reference"), None)
-    header = (f"{'config':<14}{'img/s':>9}{'x ref':>7}{'MFU':>7}{'mem MB':>9}  "
-              + "".join(f"{p[:12]:>13}" for p in PHASES))
+    header = (f"{'config':<24}{'img/s':>9}{'x ref':>7}{'img/CPU-s':>10}{'MFU':>7}{'mem MB':>9}"
+              f"{'1st it s':>9}  " + "".join(f"{p[:12]:>13}" for p in PHASES))
     print(header)
     for r in results:
         ratio = r["images_per_s"] / reference["images_per_s"] if reference else float("nan")
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         phases = "".join(f"{1000 * r['phase_seconds_per_iter'][p]:>11.1f}ms" for p in PHASES)
-        print(f"{r['config']:<14}{r['images_per_s']:>9.1f}{ratio:>7.2f}{mfu:>7}"
-              f"{r['peak_memory_mb']:>9.0f}  {phases}")
+        print(f"{r['config']:<24}{r['images_per_s']:>9.1f}{ratio:>7.2f}"
+              f"{r['images_per_cpu_s']:>10.1f}{mfu:>7}{r['peak_memory_mb']:>9.0f}"
+              f"{r['first_iter_s']:>9.1f}  {phases}")
+
+
+def device_name_and_peak(device: torch.device, peak_tflops: Optional[float]
+                         ) -> Tuple[str, Optional[float]]:
+    """The device's name and its peak TFLOP/s for MFU (given, or a known GPU's bf16 peak)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return name, peak_tflops or next((peak for key, peak in PEAK_TFLOPS.items() if key in name),
+                                     None)
 
 
 def main() -> None:
-    bench = get_args()
+    bench = get_args_parser().parse_args()
+    if bench.warmup_iters < 1:
+        raise SystemExit("--warmup_iters must be at least 1")
     init_args = argparse.Namespace(dist_url="env://")
     utils.init_distributed_mode(init_args)
     device = utils.device_of(init_args)
     torch.backends.cudnn.benchmark = True
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak_tflops = bench.peak_tflops or next(
-        (peak for key, peak in PEAK_TFLOPS.items() if key in device_name), None)
+    device_name, peak_tflops = device_name_and_peak(device, bench.peak_tflops)
     flops_per_image = count_flops_per_image(bench, device)
     print(f"device: {device_name}; {flops_per_image / 1e9:.1f} GFLOP per image per step; "
           f"peak for MFU: {peak_tflops} TFLOP/s")

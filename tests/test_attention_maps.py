@@ -6,6 +6,7 @@ from skimage import data
 
 import attention_maps
 import utils
+import vision_transformer as vits
 from visualize_attention import threshold_masks
 
 MEAN = np.array(utils.IMAGENET_MEAN)
@@ -134,3 +135,17 @@ def test_threshold_mask_is_the_smallest_top_set_on_real_attention(photo, tiny_vi
         assert kept.sum() >= 0.6
         assert kept.sum() - kept.min() < 0.6  # dropping any kept patch falls short
         assert kept.min() >= dropped.max()
+
+
+def test_cls_attention_leaves_the_register_tokens_out():
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=8, num_register_tokens=4).eval()
+    with torch.no_grad():
+        model.register_tokens.normal_()
+    images = torch.randn(1, 3, 32, 40)
+    maps = attention_maps.cls_attention(model, images, patch_size=8)
+    tokens = model.prepare_tokens(images)
+    for block in model.blocks[:-1]:
+        tokens = block(tokens)
+    full = model.blocks[-1](tokens, return_attention=True)  # [CLS], 4 registers, 20 patches
+    torch.testing.assert_close(maps, full[:, :, 0, 5:].reshape(1, 3, 4, 5))

@@ -138,3 +138,20 @@ def test_cli_rejects_a_bad_size():
     run = subprocess.run([sys.executable, "export_onnx.py", "--check_sizes", "224x"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "invalid size '224x': use HxW" in run.stderr
+
+
+def test_registers_are_exported_and_left_out_of_the_attention(tmp_path):
+    torch.manual_seed(1)
+    model = vits.VisionTransformer(img_size=[32], patch_size=8, embed_dim=32, depth=2,
+                                   num_heads=2, qkv_bias=True, num_register_tokens=2).eval()
+    with torch.no_grad():
+        model.register_tokens.normal_()
+    path = str(tmp_path / "registers.onnx")
+    export_onnx.export(model, path, with_attention=True)
+    images = torch.randn(2, 3, 40, 24)
+    features, attention = run_onnx(path, images)
+    with torch.no_grad():
+        assert np.abs(features - model(images).numpy()).max() <= 1e-4
+        expected = model.get_last_selfattention(images).numpy()
+    assert attention.shape == expected.shape == (2, 2, 16, 16)
+    assert np.abs(attention - expected).max() <= 1e-4

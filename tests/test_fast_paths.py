@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import main_dino
 import utils
@@ -12,9 +13,9 @@ from benchmarks import reference_like
 CLIP_GRAD = 0.05
 
 
-def tiny_student_teacher():
+def tiny_student_teacher(depth=2):
     torch.manual_seed(0)
-    backbone = vits.VisionTransformer(patch_size=8, embed_dim=48, depth=2, num_heads=3,
+    backbone = vits.VisionTransformer(patch_size=8, embed_dim=48, depth=depth, num_heads=3,
                                       qkv_bias=True, drop_path_rate=0.0)
     student = utils.MultiCropWrapper(backbone, vits.DINOHead(48, 64, hidden_dim=96,
                                                              norm_last_layer=False))
@@ -123,3 +124,67 @@ def test_compiled_backbone_and_head_match_eager():
     for a, b in zip(student.parameters(), compiled.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_student_gives_the_per_resolution_loss_and_gradients():
+    results = []
+    for packed in (False, True):
+        student, teacher = tiny_student_teacher()
+        student.packed = teacher.packed = packed
+        dino_loss = main_dino.DINOLoss(64, 5, 0.04, 0.04, 0, 1)
+        loss, diagnostics = main_dino.forward_loss(student, teacher, dino_loss, crops_for_step(),
+                                                   0, torch.autocast("cpu", enabled=False))
+        loss.backward()
+        results.append((loss, diagnostics, [p.grad for p in student.parameters()],
+                        list(student.state_dict())))
+    (loss, diagnostics, grads, keys), (packed_loss, packed_diagnostics, packed_grads,
+                                       packed_keys) = results
+    assert packed_keys == keys
+    torch.testing.assert_close(packed_loss, loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(packed_diagnostics, diagnostics, rtol=0, atol=1e-6)
+    for packed_grad, grad in zip(packed_grads, grads):
+        torch.testing.assert_close(packed_grad, grad, rtol=0, atol=1e-5)
+
+
+def test_packed_forward_needs_a_vit():
+    resnet, _ = utils.build_backbone("resnet18")
+    with pytest.raises(utils.InputError, match="--packed_forward needs one of our ViTs"):
+        utils.MultiCropWrapper(resnet, vits.DINOHead(512, 8), packed=True)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_step(single_process_group, monkeypatch):
+    """Teacher, student and loss captured as one graph, with its backward.
+
+    The aot_eager backend checks the capture (autocast, the center's all-reduce, the
+    temperature input) and AOTAutograd's backward in seconds; inductor's C++ code generation
+    for this graph takes ~2 minutes on a cold cache (the compiled-modules test covers it).
+    """
+    real_compile = torch.compile
+    backend = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(torch, "compile", lambda function, mode, **kwargs: real_compile(
+        function, backend=backend, **kwargs))
+    results = []
+    for forward_loss in (main_dino.forward_loss, main_dino.compiled_forward_loss("default")):
+        student, teacher = tiny_student_teacher(depth=1)
+        student.packed = teacher.packed = True
+        student = utils.SingleProcessWrapper(student)  # what a one-process run trains
+        dino_loss = main_dino.DINOLoss(64, 5, 0.04, 0.05, 2, 3)
+        autocast = torch.autocast("cpu", enabled=False)
+        for epoch in (0, 1):  # the temperature changes: no recompilation, the same numbers
+            student.zero_grad()
+            loss, diagnostics = forward_loss(student, teacher, dino_loss, crops_for_step(),
+                                             epoch, autocast)
+            loss.backward()
+        results.append((loss, diagnostics, dino_loss.center,
+                        [p.grad for p in student.parameters()], list(student.state_dict())))
+    (loss, diagnostics, center, grads, keys), (compiled_loss, compiled_diagnostics,
+                                               compiled_center, compiled_grads,
+                                               compiled_keys) = results
+    assert backend.frame_count == 1  # one graph, not recompiled for the second epoch
+    assert compiled_keys == keys  # no `_orig_mod.` in the checkpoint keys
+    torch.testing.assert_close(compiled_loss, loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(compiled_diagnostics, diagnostics, rtol=0, atol=1e-5)
+    torch.testing.assert_close(compiled_center, center, rtol=0, atol=1e-6)
+    for compiled_grad, grad in zip(compiled_grads, grads):
+        torch.testing.assert_close(compiled_grad, grad, rtol=1e-4, atol=1e-5)

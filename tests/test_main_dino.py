@@ -60,6 +60,38 @@ def test_dino_loss_matches_hand_computation_and_updates_center():
     assert loss_fn.teacher_temp_schedule[2:].tolist() == pytest.approx([0.07] * 8)
 
 
+@pytest.mark.parametrize("ncrops", [2, 10])
+def test_dino_loss_value_gradient_and_center_match_the_pairwise_formula(ncrops):
+    """The per-view form (one product on the summed teacher views) against the pair-by-pair
+    formula in float64, with the student gradient written out by hand."""
+    torch.manual_seed(1)
+    batch, dim, student_temp, teacher_temp = 4, 300, 0.1, 0.04
+    loss_fn = main_dino.DINOLoss(dim, ncrops, teacher_temp, teacher_temp, 0, 2)
+    loss_fn.center.copy_(torch.randn(1, dim))
+    student = (torch.randn(ncrops * batch, dim) * 3).requires_grad_()
+    teacher = torch.randn(2 * batch, dim) * 3
+    center_before = loss_fn.center.clone()
+    loss = loss_fn(student, teacher, epoch=1)
+    loss.backward()
+    expected = hand_dino_loss(student.detach(), teacher, center_before, ncrops, student_temp,
+                              teacher_temp)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # d/dz of -sum_k target_k log_softmax(z / T)_k is (softmax(z / T) * sum(target) - target) / T.
+    z, t = student.detach().double().numpy(), (teacher - center_before).double().numpy()
+    q = np.exp(t / teacher_temp - t.max(axis=1, keepdims=True) / teacher_temp)
+    q /= q.sum(axis=1, keepdims=True)
+    p = np.exp(z / student_temp - z.max(axis=1, keepdims=True) / student_temp)
+    p /= p.sum(axis=1, keepdims=True)
+    q_views = q.reshape(2, batch, dim)
+    targets = np.stack([q_views.sum(axis=0) - (q_views[v] if v < 2 else 0)
+                        for v in range(ncrops)]).reshape(ncrops * batch, dim)
+    gradient = (p * targets.sum(axis=1, keepdims=True) - targets) / student_temp
+    gradient /= (2 * ncrops - 2) * batch
+    np.testing.assert_allclose(student.grad.double().numpy(), gradient, rtol=2e-5, atol=1e-8)
+    expected_center = 0.9 * center_before + 0.1 * teacher.mean(dim=0, keepdim=True)
+    torch.testing.assert_close(loss_fn.center, expected_center)
+
+
 def test_dino_loss_gradient_flows_to_student_only():
     student = torch.randn(4 * 2, 6, requires_grad=True)
     teacher = torch.randn(2 * 2, 6, requires_grad=True)
@@ -148,6 +180,37 @@ def test_teacher_starts_as_the_students_copy_without_gradients_or_drop_path(
     assert student.module.backbone.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
 
 
+def test_one_process_student_keeps_the_ddp_checkpoint_keys(single_process_group):
+    args = tiny_args()
+    student, _, _ = main_dino.build_student_teacher(args, torch.device("cpu"))
+    assert isinstance(student, utils.SingleProcessWrapper)  # no gradient buckets to copy
+    ddp_keys = list(torch.nn.parallel.DistributedDataParallel(student.module).state_dict())
+    assert list(student.state_dict()) == ddp_keys and ddp_keys[0].startswith("module.backbone.")
+    crops = [torch.randn(2, 3, 32, 32)] * 2
+    torch.manual_seed(1)  # the same drop-path draws in both passes
+    with student.no_sync():
+        student(crops).square().sum().backward()
+    grads = [p.grad.clone() for p in student.parameters() if p.requires_grad]
+    student.zero_grad()
+    torch.manual_seed(1)
+    torch.nn.parallel.DistributedDataParallel(student.module)(crops).square().sum().backward()
+    ddp_grads = [p.grad for p in student.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(grads, ddp_grads))  # bitwise DDP's gradients
+
+
+def test_speed_flags_keep_the_checkpoint_keys(single_process_group):
+    default, _, _ = main_dino.build_student_teacher(tiny_args(), torch.device("cpu"))
+    fast, teacher, _ = main_dino.build_student_teacher(
+        tiny_args("--packed_forward", "true", "--efficient_drop_path", "true"),
+        torch.device("cpu"))
+    assert list(fast.state_dict()) == list(default.state_dict())
+    assert fast.module.packed and teacher.packed
+    assert fast.module.backbone.blocks[-1].drop_path.skip_dropped
+    with pytest.raises(utils.InputError, match="takes no ViT options"):
+        main_dino.build_student_teacher(tiny_args("--arch", "resnet18", "--efficient_drop_path",
+                                                  "true"), torch.device("cpu"))
+
+
 def test_teacher_sees_only_the_two_global_crops():
     seen = {}
 
@@ -168,7 +231,7 @@ def test_teacher_sees_only_the_two_global_crops():
 def test_gpu_augment_crops_follow_the_epoch_not_the_call_count():
     args = tiny_args("--gpu_augment", "true")
     canvases = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
-    batch = (canvases, torch.tensor([[64, 48], [48, 64]]))
+    batch = (canvases, torch.tensor([[64, 48, 48, 36], [48, 64, 36, 48]]))
     run = main_dino.CropPreparer(args, torch.device("cpu"))
     run.set_epoch(0)
     epoch0 = run(batch)
@@ -369,6 +432,11 @@ def test_bad_data_folder_gives_one_line_error(tmp_path, setup, message):
     assert "Traceback" not in result.stderr
 
 
+def test_gpu_decode_needs_gpu_augment():
+    with pytest.raises(utils.InputError, match="--gpu_decode needs --gpu_augment true"):
+        main_dino.build_data_loader(tiny_args("--gpu_decode", "true"))
+
+
 def test_warmup_longer_than_the_run_is_a_clear_error():
     args = main_dino.get_args_parser().parse_args(["--epochs", "5"])  # default warmup: 10
     message = r"--warmup_epochs \(10\) is longer than --epochs \(5\)"
@@ -407,9 +475,10 @@ def test_non_finite_loss_stops_with_exit_code_1(small_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_augment_path_trains(small_folder, tmp_path):
+@pytest.mark.parametrize("gpu_decode", ["false", "true"])
+def test_gpu_augment_path_trains(small_folder, tmp_path, gpu_decode):
     run_main_dino(small_folder, tmp_path, "--epochs", "1", "--gpu_augment", "true",
-                  "--canvas_size", "48")
+                  "--canvas_size", "48", "--gpu_decode", gpu_decode)
     with open(tmp_path / "log.txt") as log_file:
         record = json.loads(log_file.readline())
     assert math.isfinite(record["train_loss"]) and record["train_skipped_images"] == 1

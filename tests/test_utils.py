@@ -311,3 +311,19 @@ def test_find_images_errors(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(utils.InputError, match="contains no images"):
         utils.find_images(str(tmp_path / "empty"))
+
+
+def test_pretrained_backbone_gets_the_register_tokens_of_its_weights(tmp_path):
+    trained = vits.vit_tiny(patch_size=8, num_register_tokens=2)
+    backbone_file, checkpoint_file = tmp_path / "backbone.pth", tmp_path / "checkpoint.pth"
+    torch.save(trained.state_dict(), backbone_file)
+    torch.save({"teacher": {"backbone." + k: v for k, v in trained.state_dict().items()},
+                "student": {"module.backbone." + k: v for k, v in trained.state_dict().items()}},
+               checkpoint_file)
+    for path in (backbone_file, checkpoint_file):
+        model, _ = utils.build_pretrained_backbone("vit_tiny", 8, str(path), "teacher")
+        assert model.num_register_tokens == 2
+        for key, value in trained.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key
+    model, _ = utils.build_pretrained_backbone("vit_tiny", 8, "random", "teacher")
+    assert model.num_register_tokens == 0 and len(model.state_dict()) == 150

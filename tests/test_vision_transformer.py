@@ -183,3 +183,159 @@ def test_drop_path_keeps_expectation_and_zeroes_whole_samples():
     assert torch.all(out == per_sample[:, None, None])
     assert math.isclose(out.mean().item(), 1.0, abs_tol=0.05)
     assert torch.equal(vits.drop_path(x, 0.25, training=False), x)
+
+
+# ------------------------------------------------------------------------------------------------
+# DINOv2-era options: register tokens, iBOT's mask token, vit_large
+# ------------------------------------------------------------------------------------------------
+
+def test_register_tokens_are_one_key_after_pos_embed_with_no_position():
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16, num_register_tokens=4).eval()
+    layout = reference_vit_layout(192, 16)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == (
+        layout[:2] + [("register_tokens", (1, 4, 192))] + layout[2:])
+    assert model.register_tokens.abs().max() < 1e-4  # DINOv2's almost-zero start
+    plain = vits.vit_tiny(patch_size=16).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "register_tokens"})
+    x = torch.randn(2, 3, 32, 48)
+    tokens = model.prepare_tokens(x)
+    assert tokens.shape == (2, 1 + 4 + 6, 192)
+    torch.testing.assert_close(tokens[:, 1:5], model.register_tokens.expand(2, -1, -1))
+    without_registers = torch.cat((tokens[:, :1], tokens[:, 5:]), dim=1)
+    torch.testing.assert_close(without_registers, plain.prepare_tokens(x))
+    assert not torch.allclose(model(x), plain(x))  # the registers take part in attention
+
+
+def test_registers_are_left_out_of_attention_maps_layers_and_patch_features():
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16, num_register_tokens=3).eval()
+    with torch.no_grad():
+        model.register_tokens.normal_()
+    x = torch.randn(2, 3, 64, 96)  # 4 x 6 patches
+    attention = model.get_last_selfattention(x)
+    assert attention.shape == (2, 3, 25, 25)
+    tokens = model.prepare_tokens(x)
+    for block in model.blocks[:-1]:
+        tokens = block(tokens)
+    full = model.blocks[-1](tokens, return_attention=True)
+    keep = [0] + list(range(4, 28))
+    torch.testing.assert_close(attention, full[:, :, keep][:, :, :, keep])
+    assert torch.all(attention.sum(-1) < 1)  # the registers' share of every row is gone
+    layers = model.get_intermediate_layers(x, n=2)
+    assert [layer.shape for layer in layers] == [(2, 25, 192)] * 2
+    cls_token, patch_tokens = model.forward_features(x)
+    torch.testing.assert_close(cls_token, model(x))
+    torch.testing.assert_close(patch_tokens, layers[-1][:, 1:])
+
+
+def test_mask_token_replaces_masked_patches_before_their_positions():
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16, use_mask_token=True, num_register_tokens=1).eval()
+    assert tuple(model.state_dict()["mask_token"].shape) == (1, 192)
+    nn.init.normal_(model.mask_token)
+    x = torch.randn(2, 3, 32, 32)  # 2 x 2 patches
+    masks = torch.tensor([[True, False, False, True], [False] * 4])
+    tokens, intact = model.prepare_tokens(x, masks), model.prepare_tokens(x)
+    positions = model.interpolate_pos_encoding(tokens, 32, 32)[0, 1:]
+    torch.testing.assert_close(tokens[0, 2], model.mask_token[0] + positions[0])
+    torch.testing.assert_close(tokens[0, 5], model.mask_token[0] + positions[3])
+    torch.testing.assert_close(tokens[0, 3:5], intact[0, 3:5])
+    torch.testing.assert_close(tokens[1], intact[1])
+
+
+def test_vit_large_has_dinov2_width_depth_heads_and_patch_14():
+    with torch.device("meta"):
+        model = vits.vit_large()
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads,
+            model.patch_embed.patch_size) == (1024, 24, 16, 14)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == reference_vit_layout(
+        1024, 14, depth=24)
+    dim, tokens = 1024, (224 // 14) ** 2 + 1
+    per_block = 12 * dim * dim + 13 * dim
+    expected = dim + tokens * dim + 3 * 14 * 14 * dim + dim + 24 * per_block + 2 * dim
+    # DINOv2 counts 304.4M: its position embedding is for 518 px and it has LayerScale.
+    assert sum(p.numel() for p in model.parameters()) == expected == 303_178_752
+def tiny_vit(**kwargs) -> vits.VisionTransformer:
+    torch.manual_seed(0)
+    return vits.VisionTransformer(patch_size=8, embed_dim=48, depth=2, num_heads=3, qkv_bias=True,
+                                  norm_layer=lambda dim: nn.LayerNorm(dim, eps=1e-6), **kwargs)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_packed_forward_equals_one_call_per_resolution(training):
+    model = tiny_vit().train(training)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(n, 3, side, side, generator=generator)
+               for n, side in ((3, 32), (5, 16), (2, 24))]
+    packed = model(batches)
+    packed.square().sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    separate = torch.cat([model(batch) for batch in batches])
+    separate.square().sum().backward()
+    torch.testing.assert_close(packed, separate, rtol=0, atol=1e-5)
+    for packed_grad, param in zip(packed_grads, model.parameters()):
+        torch.testing.assert_close(packed_grad, param.grad, rtol=0, atol=1e-5)
+    assert packed.shape == (10, 48) and packed.std() > 0.1
+
+
+def test_packed_drop_path_draws_one_mask_per_image():
+    torch.manual_seed(0)
+    layout = ((300, 4), (500, 2))
+    x = torch.ones(300 * 4 + 500 * 2, 6)
+    out = vits.drop_path(x, 0.25, training=True, layout=layout)
+    for part in vits.unpack(out, layout):
+        per_image = part[:, 0, 0]
+        assert torch.all(part == per_image[:, None, None])  # every token of an image alike
+        assert torch.all((per_image == 0) | torch.isclose(per_image, torch.tensor(1 / 0.75)))
+        assert abs((per_image > 0).float().mean().item() - 0.75) < 0.06
+
+
+@pytest.mark.parametrize("layout", [None, ((5, 7), (8, 3))])
+def test_efficient_drop_path_skips_dropped_images_with_the_same_expectation(layout):
+    """Each draw keeps images - round(p * images) images per batch, runs the branch on them
+    only and scales their update; the mean over many draws is x + branch(x)."""
+    torch.manual_seed(0)
+    block = vits.Block(16, num_heads=2, qkv_bias=True, drop_path=0.3, skip_dropped=True).train()
+    x = torch.randn(6, 7, 16) if layout is None else torch.randn(5 * 7 + 8 * 3, 16)
+    seen = set()
+
+    def branch(tokens, branch_layout):
+        seen.add((tuple(tokens.shape), branch_layout))
+        return block.attn(block.norm1(tokens), layout=branch_layout)[0]
+
+    with torch.no_grad():
+        update = branch(x, layout)
+        seen.clear()
+        draws = torch.stack([block.residual(x, branch, layout) for _ in range(3000)])
+    # (images, kept) per batch: round(0.3 * 6) = 2 of 6 dropped; 2 of 5 and 2 of 8 when packed.
+    if layout is None:
+        assert seen == {((4, 7, 16), None)}  # the branch never saw a dropped image
+        groups = [(draws, x, update, 6, 4)]
+    else:
+        assert seen == {((3 * 7 + 6 * 3, 16), ((3, 7), (6, 3)))}
+        groups = [(draws.split([35, 24], dim=1)[i].unflatten(1, (n, t)),
+                   vits.unpack(x, layout)[i], vits.unpack(update, layout)[i], n, k)
+                  for i, (n, t, k) in enumerate(((5, 7, 3), (8, 3, 6)))]
+    for group_draws, group_x, group_update, n, k in groups:
+        scaled = group_x + group_update * (n / k)
+        is_kept = (group_draws - scaled).abs().amax(dim=(2, 3)) < 1e-5
+        is_dropped = (group_draws - group_x).abs().amax(dim=(2, 3)) == 0
+        assert torch.all(is_kept ^ is_dropped) and torch.all(is_kept.sum(dim=1) == k)
+        # Every image is kept with probability k / n, so the mean update is branch(x).
+        mean = group_draws.mean(dim=0)
+        standard_error = group_update.abs() * math.sqrt((n / k - 1) / len(group_draws))
+        assert torch.all((mean - group_x - group_update).abs() <= 5 * standard_error + 1e-6)
+        kept_rate = is_kept.float().mean(dim=0)
+        assert torch.all((kept_rate - k / n).abs() < 0.04)
+
+
+def test_efficient_drop_path_model_keeps_keys_and_eval_outputs():
+    plain, efficient = tiny_vit(drop_path_rate=0.2), tiny_vit(drop_path_rate=0.2,
+                                                            skip_dropped_paths=True)
+    assert list(plain.state_dict()) == list(efficient.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(plain.eval()(x), efficient.eval()(x))
+    efficient.train()(x).sum().backward()  # trains, every parameter gets a gradient
+    assert all(param.grad is not None for param in efficient.parameters())
