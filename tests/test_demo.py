@@ -9,7 +9,8 @@ import sample_data
 
 @pytest.mark.slow
 def test_short_demo_writes_its_summary_and_the_teacher_beats_random_weights(run_script, tmp_path):
-    """One epoch instead of the demo's six: already above random weights."""
+    """One epoch instead of the demo's six: already above random weights (and the teacher's
+    cooling follows --epochs: a 6-epoch temperature schedule would not fit a 1-epoch run)."""
     result = run_script("demo.py", "--data_dir", str(tmp_path / "data"),
                         "--output_dir", str(tmp_path / "out"), "--epochs", "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
