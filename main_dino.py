@@ -281,12 +281,17 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def check_schedule_flags(args: argparse.Namespace) -> None:
-    """The LR warm-up must fit in the run (the reference fails with a bare assertion)."""
+    """The warm-ups must fit in the run (the reference fails with a bare assertion or a numpy
+    error)."""
     if args.epochs < 1:
         raise utils.InputError(f"--epochs must be at least 1 (got {args.epochs})")
     if args.warmup_epochs > args.epochs:
         raise utils.InputError(f"--warmup_epochs ({args.warmup_epochs}) is longer than --epochs "
                                f"({args.epochs}): lower --warmup_epochs")
+    if args.warmup_teacher_temp_epochs > args.epochs:
+        # The reference fails later, building the schedule with np.ones(negative).
+        raise utils.InputError(f"--warmup_teacher_temp_epochs ({args.warmup_teacher_temp_epochs}) "
+                               f"is longer than --epochs ({args.epochs}): lower it")
     if args.knn_freq < 1:
         raise utils.InputError(f"--knn_freq must be at least 1 (got {args.knn_freq})")
 

@@ -350,6 +350,8 @@ def test_lost_process_message(monkeypatch):
     (["--epochs", "0"], "--epochs must be at least 1 (got 0)"),
     (["--saveckp_iters", "-1"], "--saveckp_iters must be 0 or more (got -1)"),
     (["--init_from", "/no/such/file.pth"], "--init_from '/no/such/file.pth' is not a file"),
+    (["--epochs", "2", "--warmup_teacher_temp_epochs", "3"],
+     "--warmup_teacher_temp_epochs (3) is longer than --epochs (2): lower it"),
 ])
 def test_bad_flags_are_refused_in_one_line(flags, message):
     args = main_dino.get_args_parser().parse_args(["--warmup_epochs", "0", *flags])
