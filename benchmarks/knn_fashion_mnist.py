@@ -1,9 +1,10 @@
 """Learning-quality benchmark: does DINO pretraining beat random weights on Fashion-MNIST?
 
-Writes a Fashion-MNIST subset as train/val image folders, pretrains a ViT with main_dino.py on the
-CPU, then prints the k-NN accuracy (eval_knn.py) of the teacher, of the same architecture with
-random weights, and of raw pixels. Flags this script does not know are passed on to main_dino.py
-after the recipe below, so they override it (e.g. `--epochs 2`).
+Writes a Fashion-MNIST subset (or, with --dataset rendered_digits, a second offline set: grey
+28-px digits drawn in matplotlib's fonts) as train/val image folders, pretrains a ViT with
+main_dino.py on the CPU, then prints the k-NN accuracy (eval_knn.py) of the teacher, of the same
+architecture with random weights, and of raw pixels. Flags this script does not know are passed on
+to main_dino.py after the recipe below, so they override it (e.g. `--epochs 2`).
 """
 import argparse
 import json
@@ -32,6 +33,9 @@ CPU_RECIPE = [
     "--weight_decay", "0.04", "--weight_decay_end", "0.1", "--saveckp_freq", "0",
     "--knn_freq", "2",
 ]
+# --recipe small_data: main_dino's --small_data preset alone (dino_small_data.py) on a ViT-T.
+SMALL_DATA_RECIPE = ["--small_data", "true", "--batch_size_per_gpu", "64", "--saveckp_freq", "0",
+                     "--knn_freq", "2"]
 # --full: all 60,000 training images on one GPU in about 10 minutes (crops drawn on the GPU).
 GPU_RECIPE = CPU_RECIPE + [
     "--epochs", "40", "--warmup_epochs", "4", "--batch_size_per_gpu", "256",
@@ -39,14 +43,23 @@ GPU_RECIPE = CPU_RECIPE + [
 ]
 
 
-def recipe_flags(full: bool) -> List[str]:
+def recipe_flags(full: bool, recipe_name: str = "fashion_mnist") -> List[str]:
     """The recipe's main_dino flags; bf16 only where it is native (never emulated on a CPU)."""
-    recipe = GPU_RECIPE if full else CPU_RECIPE
+    recipe = SMALL_DATA_RECIPE if recipe_name == "small_data" else GPU_RECIPE if full \
+        else CPU_RECIPE
     return [*recipe, "--use_bf16", str(utils.fast_bf16_available()).lower()]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DINO k-NN benchmark on Fashion-MNIST")
+    parser.add_argument("--dataset", default="fashion_mnist",
+                        choices=["fashion_mnist", "rendered_digits"],
+                        help="fashion_mnist: the Debian package's files; rendered_digits: "
+                             "sample_data.rendered_digits (train and val drawn with other seeds).")
+    parser.add_argument("--recipe", default="fashion_mnist",
+                        choices=["fashion_mnist", "small_data"],
+                        help="fashion_mnist: CPU_RECIPE (GPU_RECIPE with --full); small_data: "
+                             "main_dino's --small_data preset.")
     parser.add_argument("--fashion_dir", default=sample_data.FASHION_MNIST_DIR, type=str,
                         help="Folder holding the four Fashion-MNIST idx .gz files (the Debian "
                              "package dataset-fashion-mnist installs them in the default place).")
@@ -76,11 +89,15 @@ def prepare_data(args: argparse.Namespace, data_dir: str, pixel_dir: str) -> Dic
     default_sizes = (60000, 10000) if args.full else (10000, 2000)
     limits = {"train": args.train_size or default_sizes[0],
               "val": args.val_size or default_sizes[1]}
-    try:
-        splits = {split: sample_data.load_fashion_mnist(args.fashion_dir, split, limit)
-                  for split, limit in limits.items()}
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    if args.dataset == "rendered_digits":
+        splits = {split: sample_data.rendered_digits(limit, seed=seed)
+                  for (split, limit), seed in zip(limits.items(), (0, 1))}
+    else:
+        try:
+            splits = {split: sample_data.load_fashion_mnist(args.fashion_dir, split, limit)
+                      for split, limit in limits.items()}
+        except (FileNotFoundError, ValueError) as error:
+            sys.exit(f"error: {error}")
     shutil.rmtree(data_dir, ignore_errors=True)  # stale images would join the folders
     for split, (images, labels) in splits.items():
         sample_data.write_class_folders(images, labels, os.path.join(data_dir, split))
@@ -161,7 +178,7 @@ def main(args: argparse.Namespace, main_dino_overrides: List[str]) -> None:
     data_dir = os.path.join(args.output_dir, "data")
     pixel_dir = os.path.join(args.output_dir, "pixel_features")
     sizes = prepare_data(args, data_dir, pixel_dir)
-    main_dino_flags = recipe_flags(args.full) + main_dino_overrides
+    main_dino_flags = recipe_flags(args.full, args.recipe) + main_dino_overrides
     pretrain_dir = pretrain(args, data_dir, main_dino_flags)
     pretrain_minutes = (time.time() - start) / 60
     accuracies = knn_accuracies(args, data_dir, os.path.join(pretrain_dir, "checkpoint.pth"),
