@@ -29,6 +29,7 @@ import dino_checkpoint
 import dino_distillation
 import dino_objectives
 import dino_sharding
+import dino_small_data
 import eval_knn
 import gpu_augment
 import plot_log
@@ -178,6 +179,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     dino_objectives.add_objective_args(parser)
     dino_distillation.add_distillation_args(parser)
     dino_sharding.add_sharding_args(parser)
+    dino_small_data.add_small_data_args(parser)
 
     # Misc
     parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
@@ -226,6 +228,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace) -> None:
+    if args.small_data:
+        dino_small_data.apply_small_data_preset(args, get_args_parser(),
+                                                utils.launched_world_size())
     check_flags(args)
     dino_checkpoint.prepare_output_dir(args.output_dir)
     try:

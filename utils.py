@@ -252,6 +252,17 @@ def _first_slurm_host() -> str:
         return "127.0.0.1"
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher started (torchrun's WORLD_SIZE, Slurm's SLURM_NTASKS); 1
+    for a lone process. Readable before the process group exists."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env:
+        return int(env.get("SLURM_NTASKS", 1))
+    return 1
+
+
 def _read_launch_environment(args: argparse.Namespace) -> None:
     """Set args.rank, args.world_size and args.gpu from torchrun, Slurm, or a lone process."""
     env = os.environ
