@@ -86,6 +86,7 @@ def test_tiny_benchmark_runs_end_to_end(digits_as_fashion_mnist, run_script, tmp
         results = json.load(results_file)
     assert results["top1"]["raw pixels"] == pytest.approx(expected, abs=0.005)
     assert results["sizes"] == {"train": 120, "val": 40}
+    assert results["main_dino_flags"][:2] == ["--small_data", "true"]  # the preset's recipe
     assert results["main_dino_flags"][-2:] == ["--use_bf16", "false"]
     assert [epoch for epoch, _ in results["knn_curve"]] == [0]  # the last epoch (20-NN)
     assert 0 <= results["knn_curve"][0][1] <= 100
@@ -106,3 +107,18 @@ def test_full_gpu_mode_smoke_runs_on_the_cpu(digits_as_fashion_mnist, run_script
         results = json.load(results_file)
     assert "--gpu_augment" in results["main_dino_flags"]
     assert [epoch for epoch, _ in results["knn_curve"]] == [0, 1]
+
+
+def test_rendered_digits_dataset_writes_seeded_train_and_val_folders(tmp_path):
+    from benchmarks import knn_fashion_mnist
+
+    args = knn_fashion_mnist.get_args_parser().parse_args(
+        ["--dataset", "rendered_digits", "--train_size", "60", "--val_size", "20"])
+    sizes = knn_fashion_mnist.prepare_data(args, str(tmp_path / "data"), str(tmp_path / "pixels"))
+    assert sizes == {"train": 60, "val": 20}
+    train_images, _ = sample_data.rendered_digits(60, seed=0)
+    val_images, val_labels = sample_data.rendered_digits(20, seed=1)
+    first_val = sorted((tmp_path / "data" / "val" / str(val_labels[0])).glob("*.png"))[0]
+    assert np.array_equal(np.asarray(Image.open(first_val)), val_images[0])
+    assert len(list((tmp_path / "data" / "train").glob("*/*.png"))) == 60
+    assert not np.array_equal(train_images[:20], val_images)  # two different draws

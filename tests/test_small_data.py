@@ -25,10 +25,12 @@ def test_demo_sized_settings_match_hand_computed_values():
     assert (settings["patch_size"], settings["global_crops_size"],
             settings["local_crops_size"]) == (8, 32, 16)
     assert settings["global_crops_scale"] == (0.6, 1.0)
-    assert settings["local_crops_scale"] == (0.25, 0.6)
+    assert (settings["local_crops_scale"], settings["local_crops_number"]) == ((0.25, 0.6), 4)
     assert (settings["warmup_epochs"], settings["warmup_teacher_temp_epochs"]) == (1, 6)
     assert (settings["warmup_teacher_temp"], settings["teacher_temp"]) == (0.04, 0.02)
     assert settings["koleo_loss_weight"] == 0.1
+    assert (settings["lr"], settings["weight_decay_end"], settings["drop_path_rate"]) == (
+        0.001, 0.1, 0.0)
 
 
 def test_epochs_follow_the_data_size_and_values_stay_in_their_bounds():
@@ -59,6 +61,7 @@ def test_preset_sets_flags_left_at_their_defaults_and_keeps_explicit_ones(digits
     line = capsys.readouterr().out
     assert "--small_data: 1797 images of about 32 px" in line
     assert "--koleo_loss_weight 0.1" in line and "--out_dim" not in line
+    assert "--warmup_teacher_temp 0.04" not in line  # already the default: not reported as set
 
 
 def test_preset_counts_the_images_of_every_rank(digits_folder, monkeypatch):
