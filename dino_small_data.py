@@ -116,8 +116,6 @@ def apply_small_data_preset(args: argparse.Namespace, parser: argparse.ArgumentP
         len(paths), side, images_per_step,
         epochs=None if "epochs" in at_default else args.epochs,
         patch_size=None if "patch_size" in at_default else args.patch_size)
-    if "epochs" not in at_default:
-        settings["warmup_epochs"] = min(settings["warmup_epochs"], args.epochs)
     applied = {name: value for name, value in settings.items()
                if name in at_default and not same_value(getattr(args, name), value)}
     for name, value in applied.items():
