@@ -23,7 +23,7 @@ import utils
 import visualize_attention
 from sample_data import digits_train_val, write_splits
 
-ARCH, PATCH_SIZE, IMAGE_SIZE = "vit_tiny", 8, 32
+ARCH, IMAGE_SIZE = "vit_tiny", 32
 # The recipe (README, "The demo" and "Small data"): main_dino's --small_data preset, which reads
 # the 1,297 training digits (written at 32 px) and sets 8-px patches, 32/16-px crops with scales
 # that keep a digit a digit, out_dim 256, teacher momentum 0.948 for the run's 240 steps, a teacher
@@ -58,15 +58,22 @@ def pretrain(data_dir: str, output_dir: str, overrides: List[str]) -> None:
     utils.run_cli(main_dino.main, parser.parse_args(argv))
 
 
+def trained_args(output_dir: str) -> argparse.Namespace:
+    """The run's flags as main_dino saved them: what the preset and any override chose."""
+    return utils.load_checkpoint_file(os.path.join(output_dir, "checkpoint.pth"), mmap=True)["args"]
+
+
 def knn_accuracies(data_dir: str, output_dir: str, splits: dict) -> Dict[str, float]:
     """20-NN top-1 on val/: the teacher's (main_dino's last k-NN), random weights', pixels'."""
     with open(os.path.join(output_dir, "log.txt")) as log_file:
         dino = [json.loads(line) for line in log_file if line.strip()][-1]["knn_top1"]
+    run = trained_args(output_dir)
     loader_args = argparse.Namespace(batch_size_per_gpu=128, num_workers=1)
-    monitor = eval_knn.KnnMonitor(data_dir, IMAGE_SIZE, loader_args)
+    monitor = eval_knn.KnnMonitor(data_dir, run.global_crops_size, loader_args)
     utils.fix_random_seeds(0)
     device = attention_maps.inference_device()
-    random_model, _ = utils.build_frozen_backbone(ARCH, PATCH_SIZE, "random", None, device)
+    random_model, _ = utils.build_frozen_backbone(run.arch, run.patch_size, "random", None,
+                                                  device)
     random = monitor.top1(random_model, device, torch.autocast(device.type, enabled=False))
     pixels = eval_knn.bank_top1(eval_knn.pixel_feature_bank(splits))
     return {"dino": dino, "random": random, "pixels": pixels}
@@ -75,7 +82,9 @@ def knn_accuracies(data_dir: str, output_dir: str, splits: dict) -> Dict[str, fl
 def attention_figure(data_dir: str, output_dir: str) -> str:
     """The trained teacher's last-block [CLS] attention on a few val digits and on a photo."""
     device = attention_maps.inference_device()
-    model, _ = utils.build_frozen_backbone(ARCH, PATCH_SIZE,
+    run = trained_args(output_dir)
+    patch_size = run.patch_size
+    model, _ = utils.build_frozen_backbone(run.arch, patch_size,
                                            os.path.join(output_dir, "checkpoint.pth"), "teacher",
                                            device)
     images = [(f"digit {label}", attention_maps.open_rgb(os.path.join(
@@ -85,9 +94,9 @@ def attention_figure(data_dir: str, output_dir: str) -> str:
     images.append(("photo", visualize_attention.default_photo(), [IMAGE_SIZE * 3]))
     rows = []
     for name, image, size in images:
-        tensor = attention_maps.image_to_tensor(image, PATCH_SIZE, size)
-        patch_maps = attention_maps.cls_attention(model, tensor[None].to(device), PATCH_SIZE)
-        pixel_maps = attention_maps.upsample_patches(patch_maps.float().cpu(), PATCH_SIZE)[0]
+        tensor = attention_maps.image_to_tensor(image, patch_size, size)
+        patch_maps = attention_maps.cls_attention(model, tensor[None].to(device), patch_size)
+        pixel_maps = attention_maps.upsample_patches(patch_maps.float().cpu(), patch_size)[0]
         rows.append((name, visualize_attention.to_display(tensor), pixel_maps.numpy()))
     path = os.path.join(output_dir, "attention.png")
     visualize_attention.save_attention_rows(rows, path)
