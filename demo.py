@@ -63,11 +63,11 @@ def trained_args(output_dir: str) -> argparse.Namespace:
     return utils.load_checkpoint_file(os.path.join(output_dir, "checkpoint.pth"), mmap=True)["args"]
 
 
-def knn_accuracies(data_dir: str, output_dir: str, splits: dict) -> Dict[str, float]:
+def knn_accuracies(data_dir: str, output_dir: str, run: argparse.Namespace, splits: dict
+                   ) -> Dict[str, float]:
     """20-NN top-1 on val/: the teacher's (main_dino's last k-NN), random weights', pixels'."""
     with open(os.path.join(output_dir, "log.txt")) as log_file:
         dino = [json.loads(line) for line in log_file if line.strip()][-1]["knn_top1"]
-    run = trained_args(output_dir)
     loader_args = argparse.Namespace(batch_size_per_gpu=128, num_workers=1)
     monitor = eval_knn.KnnMonitor(data_dir, run.global_crops_size, loader_args)
     utils.fix_random_seeds(0)
@@ -79,10 +79,9 @@ def knn_accuracies(data_dir: str, output_dir: str, splits: dict) -> Dict[str, fl
     return {"dino": dino, "random": random, "pixels": pixels}
 
 
-def attention_figure(data_dir: str, output_dir: str) -> str:
+def attention_figure(data_dir: str, output_dir: str, run: argparse.Namespace) -> str:
     """The trained teacher's last-block [CLS] attention on a few val digits and on a photo."""
     device = attention_maps.inference_device()
-    run = trained_args(output_dir)
     patch_size = run.patch_size
     model, _ = utils.build_frozen_backbone(run.arch, patch_size,
                                            os.path.join(output_dir, "checkpoint.pth"), "teacher",
@@ -110,8 +109,9 @@ def main() -> None:
     if not os.path.isdir(demo_args.data_dir):
         write_splits(splits, demo_args.data_dir, size=IMAGE_SIZE)
     pretrain(demo_args.data_dir, demo_args.output_dir, overrides)
-    accuracies = knn_accuracies(demo_args.data_dir, demo_args.output_dir, splits)
-    figures = [attention_figure(demo_args.data_dir, demo_args.output_dir),
+    run = trained_args(demo_args.output_dir)
+    accuracies = knn_accuracies(demo_args.data_dir, demo_args.output_dir, run, splits)
+    figures = [attention_figure(demo_args.data_dir, demo_args.output_dir, run),
                os.path.join(demo_args.output_dir, "curves.png")]
     minutes = (time.time() - start) / 60
     summary = {"knn_top1": accuracies, "figures": figures, "minutes": round(minutes, 2)}
