@@ -252,25 +252,32 @@ def _first_slurm_host() -> str:
         return "127.0.0.1"
 
 
+def _launcher() -> Optional[str]:
+    """"torchrun" or "slurm" from the environment they set; None for a lone process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    return "slurm" if "SLURM_PROCID" in env else None
+
+
 def launched_world_size() -> int:
     """How many processes the launcher started (torchrun's WORLD_SIZE, Slurm's SLURM_NTASKS); 1
     for a lone process. Readable before the process group exists."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["WORLD_SIZE"])
-    if "SLURM_PROCID" in env:
-        return int(env.get("SLURM_NTASKS", 1))
-    return 1
+    launcher = _launcher()
+    if launcher == "torchrun":
+        return int(os.environ["WORLD_SIZE"])
+    return int(os.environ.get("SLURM_NTASKS", 1)) if launcher == "slurm" else 1
 
 
 def _read_launch_environment(args: argparse.Namespace) -> None:
     """Set args.rank, args.world_size and args.gpu from torchrun, Slurm, or a lone process."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    launcher = _launcher()
+    if launcher == "torchrun":
         args.rank = int(env["RANK"])
         args.world_size = int(env["WORLD_SIZE"])
         args.gpu = int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env:
+    elif launcher == "slurm":
         args.rank = int(env["SLURM_PROCID"])
         args.world_size = int(env.get("SLURM_NTASKS", getattr(args, "world_size", 1)))
         gpus = max(torch.cuda.device_count(), 1)
