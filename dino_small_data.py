@@ -108,9 +108,9 @@ def apply_small_data_preset(args: argparse.Namespace, parser: argparse.ArgumentP
     `world_size` processes; return what was set."""
     paths = utils.find_images(args.data_path)
     side = image_side(paths)
+    # The crop scales' defaults are tuples and argparse gives typed values as lists, so a scale
+    # typed at its default value (`--global_crops_scale 0.4 1`) is kept too.
     at_default = {name for name in vars(args) if getattr(args, name) == parser.get_default(name)}
-    at_default |= {name for name in ("global_crops_scale", "local_crops_scale")
-                   if tuple(getattr(args, name)) == tuple(parser.get_default(name))}
     images_per_step = args.batch_size_per_gpu * args.grad_accum_steps * world_size
     settings = small_data_settings(
         len(paths), side, images_per_step,

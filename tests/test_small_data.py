@@ -64,6 +64,14 @@ def test_preset_sets_flags_left_at_their_defaults_and_keeps_explicit_ones(digits
     assert "--warmup_teacher_temp 0.04" not in line  # already the default: not reported as set
 
 
+def test_crop_scale_typed_at_its_default_value_is_kept(digits_folder):
+    args = parse("--data_path", digits_folder, "--small_data", "true",
+                 "--global_crops_scale", "0.4", "1")
+    applied = dino_small_data.apply_small_data_preset(args, main_dino.get_args_parser())
+    assert args.global_crops_scale == [0.4, 1.0] and "global_crops_scale" not in applied
+    assert args.local_crops_scale == [0.25, 0.6]  # left out: the preset's
+
+
 def test_preset_counts_the_images_of_every_rank(digits_folder, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
