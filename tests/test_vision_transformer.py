@@ -123,6 +123,20 @@ def test_sdpa_and_explicit_attention_give_the_same_block_output():
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 50))
 
 
+def test_cpu_reduced_precision_attention_is_computed_in_float32():
+    # The CPU's bfloat16 flash kernel has a 10x slower backward; vision_transformer.fused_attention
+    # attends in float32 there, so its output is float32 SDPA of the bf16 inputs, rounded once.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 3, 17, 64).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vits.fused_attention(q, k, v, dropout_p=0.0, scale=0.125)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.125)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected.bfloat16())
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
 def test_explicit_attention_matches_hand_computation():
     torch.manual_seed(0)
     attention = vits.Attention(8, num_heads=2, qkv_bias=True).eval()
