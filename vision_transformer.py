@@ -2,9 +2,9 @@
 
 Attention runs through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU;
 on the CPU in float32 even under bf16 autocast: `fused_attention`); the explicit softmax path is
-used only when attention probabilities are asked for. Optional
-DINOv2-era parts, absent by default (so the reference's keys stay exactly as they are): register
-tokens (Darcet et al., arXiv 2309.16588) and the mask token of iBOT's masked patches.
+used only when attention probabilities are asked for. Optional DINOv2-era parts, absent by default
+(so the reference's keys stay exactly as they are): register tokens (Darcet et al., arXiv
+2309.16588) and the mask token of iBOT's masked patches.
 
 Blocks also take *packed* tokens: the tokens of several batches of crops (one batch per resolution)
 flattened into one (sum of images * tokens, D) tensor, with a `layout` of (images, tokens) per
@@ -143,8 +143,9 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     # The CPU flash kernel's backward in bfloat16 is 10x slower than in float32 at DINO's small
-    # token counts (17 tokens: 61 ms vs 5 ms per call, torch 2.14 with AMX), which made a bf16
-    # step of a ViT-T/7 at 28 px slower than float32; autocast would cast float32 inputs back.
+    # token counts (17 tokens: 61 ms vs 5 ms per call, torch 2.14 with AMX), which left a bf16
+    # step of a ViT-T/7 at 28 px barely faster than float32; autocast would cast float32 inputs
+    # back to bf16.
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                              dropout_p=dropout_p, scale=scale)
