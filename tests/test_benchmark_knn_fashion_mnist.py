@@ -67,7 +67,8 @@ def test_tiny_benchmark_runs_end_to_end(digits_as_fashion_mnist, run_script, tmp
     result = run_script(
         "-m", "benchmarks.knn_fashion_mnist", "--fashion_dir", folder,
         "--output_dir", str(tmp_path),
-        "--train_size", "120", "--val_size", "40", "--patch_size", "14", "--nb_knn", "5",
+        "--train_size", "120", "--val_size", "40", "--patch_size", "14", "--image_size", "28",
+        "--nb_knn", "5",
         "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu", "40",
         "--local_crops_number", "2", "--out_dim", "64", "--use_bf16", "false")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
@@ -99,14 +100,39 @@ def test_full_gpu_mode_smoke_runs_on_the_cpu(digits_as_fashion_mnist, run_script
     result = run_script(
         "-m", "benchmarks.knn_fashion_mnist", "--full", "--fashion_dir", folder,
         "--output_dir", str(tmp_path), "--train_size", "120", "--val_size", "40",
-        "--patch_size", "14", "--nb_knn", "5", "--num_workers", "0", "--epochs", "2",
-        "--warmup_epochs", "0", "--batch_size_per_gpu", "40", "--local_crops_number", "2",
-        "--out_dim", "64", "--knn_freq", "1")
+        "--patch_size", "14", "--image_size", "28", "--nb_knn", "5", "--num_workers", "0",
+        "--epochs", "2", "--warmup_epochs", "0", "--batch_size_per_gpu", "40",
+        "--local_crops_number", "2", "--out_dim", "64", "--knn_freq", "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     with open(tmp_path / "results.json") as results_file:
         results = json.load(results_file)
     assert "--gpu_augment" in results["main_dino_flags"]
     assert [epoch for epoch, _ in results["knn_curve"]] == [0, 1]
+
+
+def test_default_recipe_trains_and_evaluates_on_21_px_images_of_3_by_3_patches(monkeypatch):
+    from benchmarks import knn_fashion_mnist
+
+    args = knn_fashion_mnist.get_args_parser().parse_args([])
+    commands = []
+    monkeypatch.setattr(knn_fashion_mnist, "run_script",
+                        lambda command, log_path: commands.append(command))
+    knn_fashion_mnist.pretrain(args, "data", knn_fashion_mnist.recipe_flags(full=False))
+    pretrain_command = commands[0]
+    assert pretrain_command[pretrain_command.index("--global_crops_size") + 1] == "21"
+    assert pretrain_command[pretrain_command.index("--patch_size") + 1] == "7"
+    assert pretrain_command[pretrain_command.index("--epochs") + 1] == "12"
+    eval_command = knn_fashion_mnist.eval_knn_command(args, "data", [])
+    assert [eval_command[eval_command.index(flag) + 1]
+            for flag in ("--resize_size", "--crop_size", "--patch_size")] == ["21", "21", "7"]
+
+
+def test_image_size_off_the_patch_grid_is_refused(tmp_path, run_script):
+    result = run_script("-m", "benchmarks.knn_fashion_mnist", "--output_dir", str(tmp_path),
+                        "--patch_size", "14")
+    assert result.returncode != 0
+    assert "--image_size 21 is not a multiple of --patch_size 14" in result.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_rendered_digits_dataset_writes_seeded_train_and_val_folders(tmp_path):
