@@ -68,8 +68,8 @@ def test_tiny_benchmark_runs_end_to_end(digits_as_fashion_mnist, run_script, tmp
         "-m", "benchmarks.knn_fashion_mnist", "--fashion_dir", folder,
         "--output_dir", str(tmp_path),
         "--train_size", "120", "--val_size", "40", "--patch_size", "14", "--image_size", "28",
-        "--nb_knn", "5",
-        "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0", "--batch_size_per_gpu", "40",
+        "--nb_knn", "5", "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0",
+        "--batch_size_per_gpu", "40",
         "--local_crops_number", "2", "--out_dim", "64", "--use_bf16", "false")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     line = re.search(r"DINO teacher: ([0-9.]+)%  random init: ([0-9.]+)%  raw pixels: ([0-9.]+)%",
@@ -110,10 +110,11 @@ def test_full_gpu_mode_smoke_runs_on_the_cpu(digits_as_fashion_mnist, run_script
     assert [epoch for epoch, _ in results["knn_curve"]] == [0, 1]
 
 
-def test_default_recipe_trains_and_evaluates_on_21_px_images_of_3_by_3_patches(monkeypatch):
+def test_default_recipe_trains_and_evaluates_on_21_px_images_of_3_by_3_patches(monkeypatch,
+                                                                              tmp_path):
     from benchmarks import knn_fashion_mnist
 
-    args = knn_fashion_mnist.get_args_parser().parse_args([])
+    args = knn_fashion_mnist.get_args_parser().parse_args(["--output_dir", str(tmp_path)])
     commands = []
     monkeypatch.setattr(knn_fashion_mnist, "run_script",
                         lambda command, log_path: commands.append(command))
