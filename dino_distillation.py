@@ -87,6 +87,12 @@ def load_part(module: nn.Module, state: Dict[str, torch.Tensor], what: str, path
                                "--out_dim)") from error
 
 
+def head_hidden_dim(head_weights: Dict[str, torch.Tensor], default: int) -> int:
+    """The hidden width of a saved DINO head (its first layer's rows); `default` for none."""
+    first_layer = head_weights.get("mlp.0.weight")
+    return default if first_layer is None else first_layer.shape[0]
+
+
 def build_teacher_network(args: argparse.Namespace, weights: TeacherWeights
                           ) -> dino_objectives.MaskedMultiCropWrapper:
     """The teacher's backbone and heads with the file's weights (a fresh DINO head when the
@@ -95,13 +101,15 @@ def build_teacher_network(args: argparse.Namespace, weights: TeacherWeights
                                                **utils.vit_options_of(weights.backbone))
     load_part(backbone, weights.backbone, "backbone", args.distill_from)
     use_bn = any(".running_mean" in name for name in weights.head)
-    head = DINOHead(embed_dim, args.out_dim, use_bn=use_bn)
+    head = DINOHead(embed_dim, args.out_dim, use_bn=use_bn,
+                    hidden_dim=head_hidden_dim(weights.head, args.head_hidden_dim))
     if weights.head:
         load_part(head, weights.head, "DINO head", args.distill_from)
     ibot_head = None
     if weights.ibot_head and args.ibot_loss_weight:
         ibot_out_dim = weights.ibot_head["last_layer.weight_v"].shape[0]
-        ibot_head = DINOHead(embed_dim, ibot_out_dim)
+        ibot_head = DINOHead(embed_dim, ibot_out_dim,
+                             hidden_dim=head_hidden_dim(weights.ibot_head, args.head_hidden_dim))
         load_part(ibot_head, weights.ibot_head, "iBOT head", args.distill_from)
     network = dino_objectives.MaskedMultiCropWrapper(backbone, head, ibot_head)
     for param in network.parameters():

@@ -55,6 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dim", default=65536, type=int,
                         help="Dimensionality of the DINO head output. For complex and large "
                              "datasets large values (like 65k) work well.")
+    parser.add_argument("--head_hidden_dim", default=2048, type=int,
+                        help="Width of the DINO (and iBOT) head's hidden layers (default 2048, "
+                             "the reference's; DINOv2's head_hidden_dim). A narrower head costs "
+                             "less where the backbone is small: see the Fashion-MNIST recipe.")
     parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
                         help="Whether or not to weight normalize the last layer of the DINO head. "
                              "Not normalizing leads to better performance but can make the "
@@ -256,9 +260,9 @@ def exit_cleanly(status: int) -> None:
 
 
 # Flags that must be positive, or at least 0, for a run to make sense.
-POSITIVE_FLAGS = ("lr", "batch_size_per_gpu", "grad_accum_steps", "out_dim", "patch_size",
-                  "global_crops_size", "local_crops_size", "teacher_temp", "warmup_teacher_temp",
-                  "dist_timeout_minutes")
+POSITIVE_FLAGS = ("lr", "batch_size_per_gpu", "grad_accum_steps", "out_dim", "head_hidden_dim",
+                  "patch_size", "global_crops_size", "local_crops_size", "teacher_temp",
+                  "warmup_teacher_temp", "dist_timeout_minutes")
 NON_NEGATIVE_FLAGS = ("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate",
                       "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
                       "freeze_backbone_epochs", "local_crops_number", "num_workers",
@@ -975,13 +979,13 @@ def multi_crop_network(args: argparse.Namespace, backbone: nn.Module, embed_dim:
                        norm_last_layer: bool) -> nn.Module:
     """The backbone with its DINO head (and iBOT head) in a multi-crop wrapper."""
     head = DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
-                    norm_last_layer=norm_last_layer)
+                    norm_last_layer=norm_last_layer, hidden_dim=args.head_hidden_dim)
     if not dino_objectives.uses_objectives(args):
         return utils.MultiCropWrapper(backbone, head, packed=args.packed_forward)
     ibot_head = None
     if args.ibot_loss_weight and args.ibot_separate_head:
         ibot_head = DINOHead(embed_dim, args.ibot_out_dim or args.out_dim,
-                             norm_last_layer=norm_last_layer)
+                             norm_last_layer=norm_last_layer, hidden_dim=args.head_hidden_dim)
     return dino_objectives.MaskedMultiCropWrapper(backbone, head, ibot_head,
                                                   packed=args.packed_forward)
 

@@ -9,14 +9,17 @@ shards over the processes of the run (one, without a launcher: the wrapping over
 
 Example (CPU): python -m benchmarks.switch_speed --arch vit_tiny --patch_size 16 --out_dim 4096 \
     --batch_size 16 --global_crops_size 96 --local_crops_size 48 --local_crops_number 4
+Any other set of main_dino flags joins the comparison as a named configuration, e.g.
+    --switches koleo --config "koleo+ibot=--koleo_loss_weight 0.1 --ibot_loss_weight 1"
 """
 import argparse
 import json
 import os
+import shlex
 import statistics
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -53,23 +56,40 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--compile", default=False, type=utils.bool_flag)
     parser.add_argument("--teacher_arch", default="vit_small",
                         help="architecture of the distillation teacher")
-    parser.add_argument("--switches", nargs="+", default=list(SWITCHES), choices=list(SWITCHES))
+    parser.add_argument("--switches", nargs="*", default=list(SWITCHES), choices=list(SWITCHES))
+    parser.add_argument("--config", action="append", default=[], type=named_flags,
+                        metavar="NAME=FLAGS",
+                        help="another configuration to time: main_dino flags in one string "
+                             "(repeatable)")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per switch")
     parser.add_argument("--warmup_iters", type=int, default=2)
     parser.add_argument("--json", default="", help="write the results to this file")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not args.switches and not args.config:
+        parser.error("nothing to time: name --switches or add a --config")
+    return args
+
+
+def named_flags(text: str) -> Tuple[str, List[str]]:
+    """"NAME=FLAGS" -> (NAME, FLAGS split as a shell would)."""
+    name, separator, flags = text.partition("=")
+    if not separator or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=FLAGS, got {text!r}")
+    return name, shlex.split(flags)
 
 
 def switch_args(bench: argparse.Namespace, flags: List[str]) -> argparse.Namespace:
-    """main_dino's flags for the benchmark's model and crops, plus the switch's flags."""
+    """main_dino's flags for the benchmark's model and crops, then every flag the configuration
+    sets (those that differ from main_dino's defaults)."""
     settings = argparse.Namespace(**vars(bench), num_workers=0, data_path="", gpu_augment=False,
                                   canvas_size=256)
     config = bench.precision + ("+compile" if bench.compile else "")
     args = train_speed.main_dino_args(settings, config)
-    extra = main_dino.get_args_parser().parse_args(flags)
-    for name in ("num_register_tokens", "koleo_loss_weight", "ibot_loss_weight",
-                 "ibot_separate_head", "centering", "distill_from", "sharding"):
-        setattr(args, name, getattr(extra, name))
+    parser = main_dino.get_args_parser()
+    defaults, extra = vars(parser.parse_args([])), vars(parser.parse_args(flags))
+    for name, value in extra.items():
+        if value != defaults[name]:
+            setattr(args, name, value)
     main_dino.check_switch_flags(args)
     return args
 
@@ -103,9 +123,10 @@ def main() -> None:
     total = bench.warmup_iters + bench.iters
     with tempfile.TemporaryDirectory() as folder:
         teacher = write_teacher(bench, folder) if "distill" in bench.switches else ""
+        configs = {**{name: SWITCHES[name] for name in bench.switches}, **dict(bench.config)}
         trainings = {name: main_dino.build_training(
-            switch_args(bench, [flag.format(teacher=teacher) for flag in SWITCHES[name]]),
-            device, iters_per_epoch=total) for name in bench.switches}
+            switch_args(bench, [flag.format(teacher=teacher) for flag in flags]),
+            device, iters_per_epoch=total) for name, flags in configs.items()}
     sizes = [bench.global_crops_size] * 2 + [bench.local_crops_size] * bench.local_crops_number
     crops = [torch.randn(bench.batch_size, 3, size, size, device=device) for size in sizes]
     steps: Dict[str, List[float]] = {name: [] for name in trainings}
@@ -115,11 +136,13 @@ def main() -> None:
             if it >= bench.warmup_iters:
                 steps[name].append(step)
     seconds = {name: statistics.median(times) for name, times in steps.items()}
-    v1 = seconds.get("v1")
-    print(f"{'switch':<18}{'s/iter':>9}{'img/s':>9}{'x v1':>7}")
+    base = "v1" if "v1" in seconds else next(iter(seconds))
+    width = max(18, 2 + max(map(len, seconds)))
+    print(f"{'switch':<{width}}{'s/iter':>9}{'img/s':>9}{'x ' + base:>{max(7, len(base) + 3)}}")
     for name, step in seconds.items():
-        ratio = f"{step / v1:>7.2f}" if v1 else "      -"
-        print(f"{name:<18}{step:>9.3f}{bench.batch_size / step:>9.1f}{ratio}")
+        ratio = step / seconds[base]
+        print(f"{name:<{width}}{step:>9.3f}{bench.batch_size / step:>9.1f}"
+              f"{ratio:>{max(7, len(base) + 3)}.2f}")
     if bench.json:
         with open(bench.json, "w") as out:
             json.dump({"device": str(device), "torch": torch.__version__,

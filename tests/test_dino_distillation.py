@@ -66,6 +66,21 @@ def test_teacher_with_heads_is_bit_identical_after_steps(tiny_dino_checkpoint,
                                            "ibot_loss"]
 
 
+def test_teacher_head_width_is_read_from_the_file(tmp_path, single_process_group):
+    """A teacher trained with --head_hidden_dim 96 loads whatever the student's head width."""
+    teacher_args = distill_args("", "--head_hidden_dim", "96", "--ibot_loss_weight", "1")
+    teacher_args.distill_from = ""
+    _, teacher, _ = main_dino.build_student_teacher(teacher_args, torch.device("cpu"))
+    path = str(tmp_path / "teacher.pth")
+    torch.save({"teacher": teacher.state_dict(), "args": teacher_args}, path)
+    args = distill_args(path, "--ibot_loss_weight", "1")
+    training = main_dino.build_training(args, torch.device("cpu"), iters_per_epoch=2)
+    assert training.distillation.teacher.head.mlp[0].weight.shape == (96, 192)
+    assert training.distillation.teacher.ibot_head.mlp[0].weight.shape == (96, 192)
+    assert training.student.module.head.mlp[0].weight.shape == (2048, 192)
+    assert_same(teacher.state_dict(), training.distillation.teacher)
+
+
 def test_backbone_only_teacher_fits_its_head_then_freezes(tiny_dino_checkpoint, tmp_path,
                                                           single_process_group):
     path = backbone_only_file(tiny_dino_checkpoint, tmp_path)

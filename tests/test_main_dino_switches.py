@@ -81,6 +81,7 @@ def test_collapse_warning_reads_the_dino_part_of_a_summed_loss(capsys):
     (["--koleo_loss_weight", "0.1", "--batch_size_per_gpu", "1"], "--batch_size_per_gpu 2"),
     (["--sharding", "fsdp", "--arch", "resnet18"], "use a ViT, not resnet18"),
     (["--sharding", "fsdp", "--optimizer", "lars"], "adamw or sgd"),
+    (["--head_hidden_dim", "0"], "--head_hidden_dim must be positive"),
     (["--distill_head_warmup_epochs", "-1"], "must be 0 or more"),
     (["--num_register_tokens", "-2"], "must be 0 or more"),
     (["--koleo_loss_weight", "-0.1"], "must be 0 or more"),
@@ -93,6 +94,18 @@ def test_switch_flags_that_cannot_run_are_one_line_errors(flags, message):
     args = main_dino.get_args_parser().parse_args(["--warmup_epochs", "0", *flags])
     with pytest.raises(utils.InputError, match=message):
         main_dino.check_flags(args)
+
+
+def test_head_hidden_dim_sets_both_heads_width_and_defaults_to_the_reference(
+        single_process_group):
+    default, _, _ = main_dino.build_student_teacher(v1_args(), torch.device("cpu"))
+    assert default.module.head.mlp[0].weight.shape == (2048, 192)
+    args = v1_args("--head_hidden_dim", "96", "--ibot_loss_weight", "1")
+    student, teacher, _ = main_dino.build_student_teacher(args, torch.device("cpu"))
+    for network in (student.module, teacher):
+        widths = [(layer.in_features, layer.out_features) for head in (network.head,
+                  network.ibot_head) for layer in head.mlp if isinstance(layer, torch.nn.Linear)]
+        assert widths == [(192, 96), (96, 96), (96, 256)] * 2
 
 
 def test_packed_forward_gives_the_switches_the_same_outputs(single_process_group):
@@ -223,10 +236,11 @@ def test_switch_speed_benchmark_runs(tmp_path):
     command = [sys.executable, "-m", "benchmarks.switch_speed", "--patch_size", "8", "--out_dim",
                "64", "--batch_size", "2", "--global_crops_size", "16", "--local_crops_size", "8",
                "--local_crops_number", "1", "--iters", "1", "--warmup_iters", "0", "--switches",
-               "v1", "dinov2-all", "distill", "--json", str(output)]
+               "v1", "dinov2-all", "distill", "--config", "narrow-head=--head_hidden_dim 32 "
+               "--koleo_loss_weight 0.1", "--json", str(output)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(output) as results:
         seconds = json.load(results)["seconds_per_iter"]
-    assert list(seconds) == ["v1", "dinov2-all", "distill"]
+    assert list(seconds) == ["v1", "dinov2-all", "distill", "narrow-head"]
     assert all(value > 0 for value in seconds.values())
