@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head_hidden_dim", default=2048, type=int,
                         help="Width of the DINO (and iBOT) head's hidden layers (default 2048, "
                              "the reference's; DINOv2's head_hidden_dim). A narrower head costs "
-                             "less where the backbone is small: see the Fashion-MNIST recipe.")
+                             "less where the backbone is small (README, \"Learning quality\").")
     parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
                         help="Whether or not to weight normalize the last layer of the DINO head. "
                              "Not normalizing leads to better performance but can make the "

@@ -137,12 +137,11 @@ def main() -> None:
                 steps[name].append(step)
     seconds = {name: statistics.median(times) for name, times in steps.items()}
     base = "v1" if "v1" in seconds else next(iter(seconds))
-    width = max(18, 2 + max(map(len, seconds)))
-    print(f"{'switch':<{width}}{'s/iter':>9}{'img/s':>9}{'x ' + base:>{max(7, len(base) + 3)}}")
+    name_width, ratio_width = max(18, 2 + max(map(len, seconds))), max(7, len(base) + 3)
+    print(f"{'switch':<{name_width}}{'s/iter':>9}{'img/s':>9}{'x ' + base:>{ratio_width}}")
     for name, step in seconds.items():
-        ratio = step / seconds[base]
-        print(f"{name:<{width}}{step:>9.3f}{bench.batch_size / step:>9.1f}"
-              f"{ratio:>{max(7, len(base) + 3)}.2f}")
+        print(f"{name:<{name_width}}{step:>9.3f}{bench.batch_size / step:>9.1f}"
+              f"{step / seconds[base]:>{ratio_width}.2f}")
     if bench.json:
         with open(bench.json, "w") as out:
             json.dump({"device": str(device), "torch": torch.__version__,
