@@ -80,16 +80,16 @@ def named_flags(text: str) -> Tuple[str, List[str]]:
 
 def switch_args(bench: argparse.Namespace, flags: List[str]) -> argparse.Namespace:
     """main_dino's flags for the benchmark's model and crops, then every flag the configuration
-    sets (those that differ from main_dino's defaults)."""
+    names (even at main_dino's default value)."""
     settings = argparse.Namespace(**vars(bench), num_workers=0, data_path="", gpu_augment=False,
                                   canvas_size=256)
     config = bench.precision + ("+compile" if bench.compile else "")
     args = train_speed.main_dino_args(settings, config)
     parser = main_dino.get_args_parser()
-    defaults, extra = vars(parser.parse_args([])), vars(parser.parse_args(flags))
-    for name, value in extra.items():
-        if value != defaults[name]:
-            setattr(args, name, value)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # the namespace then holds only the flags given
+    for name, value in vars(parser.parse_args(flags)).items():
+        setattr(args, name, value)
     main_dino.check_switch_flags(args)
     return args
 

@@ -1,5 +1,6 @@
 """main_dino's DINOv2-era switches: off by default (v1 numbers unchanged), and each one in a
 tiny end-to-end run with finite losses, its log keys and a checkpoint the other scripts read."""
+import argparse
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import hubconf
 import main_dino
 import utils
 import vision_transformer as vits
+from benchmarks import switch_speed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32",
@@ -244,3 +246,11 @@ def test_switch_speed_benchmark_runs(tmp_path):
         seconds = json.load(results)["seconds_per_iter"]
     assert list(seconds) == ["v1", "dinov2-all", "distill", "narrow-head"]
     assert all(value > 0 for value in seconds.values())
+
+
+def test_switch_speed_config_applies_flags_given_at_their_default():
+    bench = argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=64, batch_size=2,
+                               global_crops_size=16, local_crops_size=8, local_crops_number=1,
+                               precision="fp32", compile=False)
+    args = switch_speed.switch_args(bench, ["--patch_size", "16", "--head_hidden_dim", "32"])
+    assert (args.patch_size, args.head_hidden_dim, args.out_dim) == (16, 32, 64)
